@@ -1,0 +1,415 @@
+"""Spiking layers with the leak-aware approximate derivative, run over many time steps at once.
+
+Lee, Sarwar, Panda, Srinivasan & Roy, "Enabling Spike-based Backpropagation for Training Deep
+Neural Network Architectures", Frontiers in Neuroscience 14:119 (2020), doi 10.3389/fnins.2020.00119.
+
+Forward, for every time step t (SPEC §1):
+
+    I_t   = W * s_t  (+ shortcut current)          step 1: synaptic current
+    U'_t  = U_{t-1} + I_t                          step 2: integrate
+    o_t   = 1[U'_t > V_th]                         step 3: fire (strictly greater)
+    U''_t = U'_t · (1 - o_t)                       step 4: hard reset
+    U_t   = λ · U''_t                              step 5: leak
+    s_t   = o_t · m                                step 6: time-fixed dropout mask m
+
+Backward, the leak-aware approximate derivative (SPEC §2, the paper's Eq. 10–12):
+
+    LF = Σ_t λ^(T-1-t) o_t,   N = Σ_t o_t,   G = 1[LF > 1e-3] + ln(λ) · LF / (N + 1[N < 1e-3])
+    gU'_t = (G / V_th) · o_t · g_t + (1 - o_t) · gU'_{t+1},   gU'_T = 0,   ∂L/∂I_t = gU'_t
+
+Pooling neurons (2×2 average pool, then integrate-and-fire at 0.75) use the same recursion with
+λ = 1 and G / V_th replaced by 1. The output layer integrates U = λ(U + I_t) and reads U_T / V_th / T.
+
+Instead of one autograd graph per time step (the authors' design), a layer processes a *chunk*
+of k time steps per call: one convolution over k·B images, then the neuron recursion over the k
+steps, with the membrane carried to the next chunk. k = T is the fully time-batched case GPUs
+want; on a 2-core CPU, convolutions over 64–256 images are fastest (PERF-NOTES), so k is a
+parameter. The numerics do not depend on k. Backward saves the spikes as bool and the inputs
+of each weight layer in one byte, never the float currents or membranes.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------
+# Input encoding
+
+def poisson_encode(x, time_steps, scale=1.0, generator=None):
+    """Signed Poisson rate code (SPEC §1): s_t = sign(x) · 1[u_t < |x|·scale], u_t ~ U(0, 1).
+
+    x: (B, ...) images after the dataset's transform. Returns (T, B, ...) spikes in {-1, 0, 1}.
+    scale is 1/2 for MNIST (ToTensor only, rates up to 0.5) and 1 for normalised CIFAR-10/SVHN."""
+    u = torch.rand((time_steps, *x.shape), generator=generator, device=x.device, dtype=x.dtype)
+    return torch.sign(x) * (u < x.abs() * scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synapses: a per-image layer applied to a (k, B, ...) spike chunk by folding time into the batch
+
+def _pack(spike_seq):
+    """Spike chunks hold only 0 and ±s (s = 1, or the dropout scale 1/(1-p)): keep them in one
+    byte plus the scalar s. Anything else (graded event data) is kept as it is, exactly."""
+    s = spike_seq.abs().amax()
+    q = torch.sign(spike_seq).to(torch.int8)
+    if torch.equal(q * s, spike_seq):
+        return q, s
+    return spike_seq, None
+
+
+def _unpack(q, s, dtype):
+    return q.to(dtype) if s is None else q.to(dtype) * s.to(dtype)
+
+
+class _Synapse(torch.autograd.Function):
+    """I = layer(s) for a Conv2d or Linear without bias, over a chunk of time steps.
+
+    autograd's own conv/linear would save the float input; here it is saved in one byte."""
+
+    @staticmethod
+    def forward(ctx, spike_seq, weight, layer):
+        k, B = spike_seq.shape[:2]
+        current = _per_image(layer, spike_seq.flatten(0, 1), weight)
+        q, s = _pack(spike_seq)
+        ctx.save_for_backward(q, weight)
+        ctx.scale, ctx.layer, ctx.in_dtype, ctx.compute_dtype = s, layer, spike_seq.dtype, current.dtype
+        return current.unflatten(0, (k, B))
+
+    @staticmethod
+    def backward(ctx, grad_current):
+        q, weight = ctx.saved_tensors
+        dtype, layer = ctx.compute_dtype, ctx.layer  # under autocast the forward ran in bf16
+        x = _unpack(q, ctx.scale, dtype).flatten(0, 1)
+        g = grad_current.flatten(0, 1).to(dtype)
+        w = weight.to(dtype)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        if isinstance(layer, nn.Conv2d):
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                g, x, w, None, layer.stride, layer.padding, layer.dilation, False, [0, 0], layer.groups,
+                [need_x, need_w, False])
+        else:
+            grad_x = g @ w if need_x else None
+            grad_w = g.t() @ x if need_w else None
+        if grad_x is not None:
+            grad_x = grad_x.unflatten(0, q.shape[:2]).to(ctx.in_dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_x, grad_w, None
+
+
+def _per_image(layer, x, weight):
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, weight)
+
+
+def synapse(layer, spike_seq):
+    """Apply a Conv2d/Linear (no bias) to a (k, B, ...) chunk: one call over k·B images."""
+    if torch.is_grad_enabled() and (spike_seq.requires_grad or layer.weight.requires_grad):
+        return _Synapse.apply(spike_seq, layer.weight, layer)
+    return _per_image(layer, spike_seq.flatten(0, 1), layer.weight).unflatten(0, spike_seq.shape[:2])
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d without bias over spike chunks (k, B, C, H, W) (ResNet shortcuts)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+
+    def forward(self, spike_seq):
+        return synapse(self, spike_seq)
+
+
+class Linear(nn.Linear):
+    """nn.Linear without bias over spike chunks (k, B, features) (the output layer)."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, spike_seq):
+        return synapse(self, spike_seq)
+
+
+def _avg_pool2x2(spike_seq):
+    """2×2 average pooling of a (k, B, C, H, W) chunk. A sum of 2×2 blocks times 1/4: autograd
+    saves nothing for it, whereas F.avg_pool2d would save its float input."""
+    x = spike_seq.unflatten(-1, (-1, 2)).unflatten(-3, (-1, 2))  # (k, B, C, H/2, 2, W/2, 2)
+    return x.sum((-3, -1)) * 0.25
+
+
+# ----------------------------------------------------------------------------------------------
+# Neurons
+
+def leak_correction(lf, n, leak):
+    """G = 1[LF > 1e-3] + ln(λ)·LF/N' (SPEC §2): ≤ 1, and 0 for a neuron that never fired."""
+    n = n + (n < 1e-3).to(n.dtype)
+    return (lf > 1e-3).to(lf.dtype) + math.log(leak) * lf / n
+
+
+class _Window:
+    """Per-neuron statistics of one forward pass over the T-step window."""
+
+    def __init__(self):
+        self.lf = self.n = self._G = None
+        self.steps = 0
+
+    def update(self, spikes, leak, leaky_sum):
+        k = spikes.shape[0]
+        o = spikes.flatten(1).to(torch.float64 if spikes.dtype == torch.float64 else torch.float32)
+        if leaky_sum:  # one small matmul instead of two elementwise ops per step
+            w = torch.stack([leak ** torch.arange(k - 1, -1, -1, dtype=o.dtype, device=o.device),
+                             torch.ones(k, dtype=o.dtype, device=o.device)])
+            lf, n = (w @ o).view(2, *spikes.shape[1:])
+            self.lf = lf if self.lf is None else self.lf * leak ** k + lf
+        else:
+            n = o.sum(0).view(spikes.shape[1:])
+        self.n = n if self.n is None else self.n + n
+        self.steps += k
+
+    def G(self, leak):
+        if self._G is None:  # complete only after the last chunk: read in backward
+            self._G = leak_correction(self.lf, self.n, leak)
+        return self._G
+
+
+class _Neuron(torch.autograd.Function):
+    """Steps 2–5 over a chunk of k time steps; the membrane is carried between chunks."""
+
+    @staticmethod
+    def forward(ctx, current_seq, u, window, v_th, leak, leak_corrected):
+        spikes, u = _integrate_and_fire(current_seq, u, v_th, leak)
+        ctx.save_for_backward(spikes)
+        ctx.window, ctx.v_th, ctx.leak, ctx.leak_corrected = window, v_th, leak, leak_corrected
+        return spikes.to(current_seq.dtype), u
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_u):
+        spikes, = ctx.saved_tensors
+        if ctx.leak_corrected:
+            grad_spikes = grad_spikes * (ctx.window.G(ctx.leak) / ctx.v_th)
+        grad_current = torch.empty_like(grad_spikes)
+        carry = torch.zeros_like(grad_spikes[0]) if grad_u is None else grad_u.to(grad_spikes.dtype)
+        for t in range(spikes.shape[0] - 1, -1, -1):
+            # a firing step takes its own spike gradient; the reset blocks the path from later
+            # steps. A silent step passes gU'_{t+1} unchanged: the leak is identity in backward,
+            # the paper's choice, not a bug.
+            carry = torch.where(spikes[t], grad_spikes[t], carry, out=grad_current[t])
+        return grad_current, carry, None, None, None, None
+
+
+def _integrate_and_fire(current_seq, u, v_th, leak):
+    """The forward recursion; returns bool spikes (k, B, ...) and the carried membrane."""
+    spikes = torch.empty(current_seq.shape, dtype=torch.bool, device=current_seq.device)
+    u = u.clone()
+    for t in range(current_seq.shape[0]):
+        u += current_seq[t]                    # step 2: integrate
+        torch.gt(u, v_th, out=spikes[t])       # step 3: fire, strictly above threshold
+        u.masked_fill_(spikes[t], 0.0)         # step 4: hard reset
+        if leak != 1.0:
+            u *= leak                          # step 5: leak
+    return spikes, u
+
+
+class SpikingNeurons(nn.Module):
+    """A layer of neurons with state over one forward pass (membrane, spike counts, LF).
+
+    Subclasses decide what the current is; `fire` runs the neuron over a chunk."""
+    v_th = 1.0
+    leak = 1.0
+    leak_corrected = False
+
+    def reset(self):
+        self.u = None
+        self.window = _Window()
+
+    @property
+    def spike_count(self):
+        """Spikes per neuron, (B, ...), over the steps run so far in this forward pass."""
+        return self.window.n
+
+    def fire(self, current_seq):
+        if self.u is None:
+            dtype = torch.float64 if current_seq.dtype == torch.float64 else torch.float32
+            self.u = current_seq.new_zeros(current_seq.shape[1:], dtype=dtype)  # membrane in ≥ fp32
+        if torch.is_grad_enabled() and current_seq.requires_grad:
+            spikes, self.u = _Neuron.apply(current_seq, self.u, self.window, self.v_th, self.leak,
+                                           self.leak_corrected)
+        else:
+            bool_spikes, self.u = _integrate_and_fire(current_seq, self.u, self.v_th, self.leak)
+            spikes = bool_spikes.to(current_seq.dtype)
+        self.window.update(spikes.detach(), self.leak, self.leak_corrected and torch.is_grad_enabled())
+        return spikes
+
+
+class PoolIF(SpikingNeurons):
+    """2×2 average pooling followed by integrate-and-fire neurons: threshold 0.75, hard reset, no
+    leak, plain straight-through gradient (no 1/V_th, no leak correction), as the paper."""
+    v_th = 0.75
+
+    def __init__(self):
+        super().__init__()
+        self.reset()
+
+    def forward(self, spike_seq):  # (k, B, C, H, W) -> (k, B, C, H/2, W/2)
+        return self.fire(_avg_pool2x2(spike_seq))
+
+
+class _SpikingLayer(SpikingNeurons):
+    """A weight layer followed by leaky integrate-and-fire neurons and time-fixed dropout.
+
+    The dropout mask is drawn once per forward pass and shared by all T steps: a fresh mask every
+    step would average out over the window (SPEC §1)."""
+    leak_corrected = True
+
+    def _setup_neurons(self, leak, v_th, dropout):
+        if not 0.0 < leak <= 1.0:
+            raise ValueError(f"leak must lie in (0, 1], got {leak}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        self.leak, self.v_th, self.dropout = leak, v_th, dropout
+        self.reset()
+
+    def reset(self):
+        super().reset()
+        self.mask = None
+
+    def forward(self, spike_seq, extra_current=None):
+        current_seq = synapse(self, spike_seq)
+        if extra_current is not None:  # ResNet: the shortcut current joins the second conv's membrane
+            current_seq = current_seq + extra_current
+        spikes = self.fire(current_seq)
+        if self.training and self.dropout > 0:
+            if self.mask is None:
+                keep = torch.full_like(spikes[0], 1.0 - self.dropout)
+                self.mask = torch.bernoulli(keep) / (1.0 - self.dropout)
+            spikes = spikes * self.mask
+        return spikes
+
+    def extra_repr(self):
+        return super().extra_repr() + f", leak={self.leak}, v_th={self.v_th}, dropout={self.dropout}"
+
+
+class SpikingConv2d(_SpikingLayer, Conv2d):
+    """Conv2d (no bias) + LIF neurons + time-fixed dropout. Its only parameter is `weight`, so the
+    state_dict keys are the authors' (`cnn1.weight`)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, leak=0.99,
+                 v_th=1.0, dropout=0.0):
+        Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding)
+        self._setup_neurons(leak, v_th, dropout)
+
+
+class SpikingLinear(_SpikingLayer, Linear):
+    """Linear (no bias) + LIF neurons + time-fixed dropout."""
+
+    def __init__(self, in_features, out_features, leak=0.99, v_th=1.0, dropout=0.0):
+        Linear.__init__(self, in_features, out_features)
+        self._setup_neurons(leak, v_th, dropout)
+
+
+# ----------------------------------------------------------------------------------------------
+# Output integrator
+
+class _Integrate(torch.autograd.Function):
+    """U = λ(U + I_t) over a chunk. The leak is identity in backward (SPEC §2), so every step's
+    current receives the gradient of the final membrane."""
+
+    @staticmethod
+    def forward(ctx, current_seq, u, leak):
+        ctx.k = current_seq.shape[0]
+        return _leaky_sum(current_seq, u, leak)
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        return grad_u.expand(ctx.k, *grad_u.shape), grad_u, None
+
+
+def _leaky_sum(current_seq, u, leak):
+    u = u.clone()
+    for t in range(current_seq.shape[0]):
+        u += current_seq[t]
+        u *= leak
+    return u
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+
+def init_weights(model, gain):
+    """Faithful init (SPEC §3): weights ~ N(0, sqrt(gain / fan_in)); gain 2 for LeNet and VGG9,
+    1 for the ResNets."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            fan_in = m.weight[0].numel()
+            nn.init.normal_(m.weight, 0.0, math.sqrt(gain / fan_in))
+
+
+def default_time_chunk(batch_size, time_steps, device):
+    """k time steps per call: all of them on a GPU; on a CPU ~256 images per convolution call,
+    where we measured convolutions to run fastest (PERF-NOTES)."""
+    if device.type == "cuda":
+        return time_steps
+    return max(1, min(time_steps, 256 // max(batch_size, 1)))
+
+
+class SpikingNetwork(nn.Module):
+    """Runs `step` chunk by chunk over the T-step window and integrates the output layer.
+
+    Subclasses define the layers and `step(x)`: input spikes (k, B, ...) -> output currents
+    (k, B, classes). `model(x)` takes images (B, C, H, W), Poisson-encoded here, or a ready spike
+    train (T, B, C, H, W) (event data, exact tests), and returns U_out(T) / V_th / T."""
+    input_scale = 1.0
+
+    def __init__(self, time_steps=100, leak=0.99, dropout=0.0):
+        super().__init__()
+        if time_steps < 1:
+            raise ValueError(f"time_steps must be ≥ 1, got {time_steps}")
+        if not 0.0 < leak <= 1.0:
+            raise ValueError(f"leak must lie in (0, 1], got {leak}")
+        self.time_steps, self.leak, self.dropout = time_steps, leak, dropout
+        self.v_th = 1.0
+        self.time_chunk = None  # None: default_time_chunk
+
+    def encode(self, images, generator=None):
+        return poisson_encode(images, self.time_steps, self.input_scale, generator)
+
+    def forward(self, x, readout_steps=()):
+        """readout_steps: also return the readout after each of these step counts (latency sweep);
+        then the result is (len(readout_steps) + 1, B, classes), the full window last."""
+        spike_seq = x if x.dim() == 5 else self.encode(x)
+        T, B = spike_seq.shape[:2]
+        for m in self.modules():
+            if isinstance(m, SpikingNeurons):
+                m.reset()
+        k = self.time_chunk or default_time_chunk(B, T, spike_seq.device)
+        u, t, readouts = None, 0, []
+        for chunk in spike_seq.split(k):
+            current_seq = self.step(chunk)
+            if u is None:
+                u = current_seq.new_zeros(current_seq.shape[1:], dtype=torch.float64
+                                          if current_seq.dtype == torch.float64 else torch.float32)
+            for j in range(len(chunk)):  # a latency readout may fall inside a chunk
+                if t + j + 1 in readout_steps:
+                    u_t = _leaky_sum(current_seq[:j + 1].detach(), u.detach(), self.leak)
+                    readouts.append(u_t / self.v_th / (t + j + 1))
+            if torch.is_grad_enabled() and current_seq.requires_grad:
+                u = _Integrate.apply(current_seq, u, self.leak)
+            else:
+                u = _leaky_sum(current_seq, u, self.leak)
+            t += len(chunk)
+        out = u / self.v_th / T
+        return torch.stack(readouts + [out.detach()]) if readout_steps else out
+
+    def step(self, spike_seq):
+        raise NotImplementedError
+
+    def neuron_layers(self):
+        """(name, module) of every spiking and pooling neuron layer, in network order."""
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, SpikingNeurons)]
+
+    def firing_rates(self):
+        """Mean spikes per neuron per time step of each neuron layer in the last forward pass."""
+        return {n: (m.spike_count.sum() / (m.spike_count.numel() * m.window.steps)).item()
+                for n, m in self.neuron_layers() if m.spike_count is not None}

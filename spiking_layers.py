@@ -243,14 +243,36 @@ class SpikingNeurons(nn.Module):
         return spikes
 
 
-class PoolIF(SpikingNeurons):
-    """2×2 average pooling followed by integrate-and-fire neurons: threshold 0.75, hard reset, no
-    leak, plain straight-through gradient (no 1/V_th, no leak correction), as the paper."""
+class LIF(SpikingNeurons):
+    """Leaky integrate-and-fire neurons with the leak-aware gradient, on currents (k, B, ...)."""
+    leak_corrected = True
+
+    def __init__(self, leak=0.99, v_th=1.0):
+        super().__init__()
+        if not 0.0 < leak <= 1.0:
+            raise ValueError(f"leak must lie in (0, 1], got {leak}")
+        self.leak, self.v_th = leak, v_th
+        self.reset()
+
+    def forward(self, current_seq):
+        return self.fire(current_seq)
+
+
+class IF(SpikingNeurons):
+    """The pooling neurons' integrate-and-fire: threshold 0.75, hard reset, no leak, plain
+    straight-through gradient (no 1/V_th, no leak correction), as the paper."""
     v_th = 0.75
 
     def __init__(self):
         super().__init__()
         self.reset()
+
+    def forward(self, current_seq):
+        return self.fire(current_seq)
+
+
+class PoolIF(IF):
+    """2×2 average pooling, then IF neurons."""
 
     def forward(self, spike_seq):  # (k, B, C, H, W) -> (k, B, C, H/2, W/2)
         return self.fire(_avg_pool2x2(spike_seq))
@@ -378,7 +400,7 @@ class SpikingNetwork(nn.Module):
     def forward(self, x, readout_steps=()):
         """readout_steps: also return the readout after each of these step counts (latency sweep);
         then the result is (len(readout_steps) + 1, B, classes), the full window last."""
-        spike_seq = x if x.dim() == 5 else self.encode(x)
+        spike_seq = self.encode(x) if x.dim() == 4 else x
         T, B = spike_seq.shape[:2]
         for m in self.modules():
             if isinstance(m, SpikingNeurons):

@@ -1,0 +1,233 @@
+"""The time-chunked engine against the per-step autograd reference (tests/reference.py), float64.
+
+Spikes must be identical; outputs and gradients agree within 1e-10 relative, whatever the chunk
+size (time steps per call)."""
+import math
+
+import pytest
+import torch
+
+import spiking_layers as sl
+from reference import leak_correction, reference_forward, reference_lif, reference_output, reference_pool_neuron
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def chunk_sizes(T):
+    """1, a proper divisor and a non-divisor of T where they exist, and T."""
+    sizes = {1, T}
+    sizes |= {d for d in range(2, T) if T % d == 0 and d * d >= T}
+    sizes |= {next((d for d in range(2, T) if T % d), T)}
+    return sorted(sizes)
+
+
+CASES = [(T, k) for T in (1, 5, 12, 37) for k in chunk_sizes(T)]
+
+
+def run_chunks(module, current_seq, k):
+    module.reset()
+    return torch.cat([module(c) for c in current_seq.split(k)])
+
+
+def edge_currents(T, n=40, v_th=1.0, device="cpu", seed=0):
+    """Dyadic currents (exact in binary, so ties stay ties) with neurons that never fire, fire
+    every step, and receive exactly the threshold (strictly greater fires)."""
+    g = torch.Generator().manual_seed(seed)
+    i = torch.randint(-8, 13, (T, 3, n), generator=g).double() / 8 * v_th
+    i[:, :, 0] = 0.0                # never fires
+    i[:, :, 1] = -0.5               # never fires
+    i[:, :, 2] = 2.0 * v_th         # fires every step
+    i[:, :, 3] = v_th               # exactly at threshold on the first step: no spike there
+    i[0, :, 4] = v_th               # ...then stays at threshold once
+    i[1:, :, 4] = 0.0
+    return i.to(device).requires_grad_()
+
+
+def test_leak_correction_by_hand():
+    """Spikes at steps 0 and 3 of T = 4, λ = 0.99: LF = λ³ + 1, N = 2."""
+    lif = sl.LIF(leak=0.99)
+    current = torch.tensor([1.5, 0.2, 0.2, 1.5], dtype=torch.float64).view(4, 1, 1).requires_grad_()
+    spikes = run_chunks(lif, current, 4)
+    assert spikes.flatten().tolist() == [1.0, 0.0, 0.0, 1.0]
+    G = lif.window.G(0.99).item()
+    assert G == pytest.approx(1 + math.log(0.99) * (0.99 ** 3 + 1) / 2, rel=1e-14)
+    assert G == pytest.approx(leak_correction(torch.tensor(0.99 ** 3 + 1.0), torch.tensor(2.0), 0.99).item())
+    # ∂o_3/∂I = [0, G, G, G]: the reset at step 0 blocks, silent steps pass (leak identity)
+    grad, = torch.autograd.grad(spikes[3].sum(), current)
+    assert grad.flatten().tolist() == pytest.approx([0.0, G, G, G], rel=1e-14)
+
+
+def test_silent_neuron_has_zero_gradient():
+    lif = sl.LIF()
+    current = torch.full((6, 1, 1), 0.1, dtype=torch.float64, requires_grad=True)
+    spikes = run_chunks(lif, current, 2)
+    assert spikes.sum() == 0 and lif.window.G(0.99).item() == 0.0
+    grad, = torch.autograd.grad((spikes * 3).sum(), current)
+    assert torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,k", CASES)
+def test_lif_layer(T, k, device):
+    current = edge_currents(T, device=device)
+    upstream = torch.randn(current.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
+    ref, ref_G = reference_lif(current, leak=0.99)
+    ref_grad, = torch.autograd.grad((ref * upstream).sum(), current)
+
+    lif = sl.LIF(leak=0.99)
+    out = run_chunks(lif, current, k)
+    grad, = torch.autograd.grad((out * upstream).sum(), current)
+    assert torch.equal(out, ref)
+    assert (out[:, :, 2] == 1).all() and (out[:, :, :2] == 0).all() and (out[0, :, 3:5] == 0).all()
+    torch.testing.assert_close(lif.window.G(0.99), ref_G, **TOL)
+    torch.testing.assert_close(grad, ref_grad, **TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,k", CASES)
+def test_pool_neuron(T, k, device):
+    current = edge_currents(T, v_th=0.75, device=device, seed=2)
+    upstream = torch.randn(current.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
+    ref = reference_pool_neuron(current)
+    ref_grad, = torch.autograd.grad((ref * upstream).sum(), current)
+    out = run_chunks(sl.IF(), current, k)
+    grad, = torch.autograd.grad((out * upstream).sum(), current)
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(grad, ref_grad, **TOL)
+
+
+class Identity(sl.SpikingNetwork):
+    """The output integrator alone: step() hands the input through as output currents."""
+
+    def step(self, x):
+        return x
+
+
+@pytest.mark.parametrize("T,k", CASES)
+def test_output_integrator(T, k):
+    current = torch.randn(T, 3, 10, dtype=torch.float64, requires_grad=True)
+    ref = reference_output(current, leak=0.99)
+    ref_grad, = torch.autograd.grad(ref.pow(2).sum(), current)
+    net = Identity(time_steps=T, leak=0.99)
+    net.time_chunk = k
+    out = net(current)
+    grad, = torch.autograd.grad(out.pow(2).sum(), current)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(grad, ref_grad, **TOL)
+
+
+class Stack3(sl.SpikingNetwork):
+    """conv (LIF, time-fixed dropout) – 2×2 pool (IF) – linear (output integrator)."""
+
+    def __init__(self, time_steps, dropout=0.0):
+        super().__init__(time_steps, 0.99, dropout)
+        self.conv = sl.SpikingConv2d(2, 6, 3, padding=1, dropout=dropout)
+        self.pool = sl.PoolIF()
+        self.fc = sl.Linear(6 * 4 * 4, 10)
+        sl.init_weights(self, gain=8.0)  # strong enough that every layer fires
+
+    def step(self, x):                    # (k, B, 2, 8, 8)
+        x = self.pool(self.conv(x))       # (k, B, 6, 4, 4)
+        return self.fc(x.flatten(2))      # (k, B, 10)
+
+
+def signed_spikes(shape, rate=0.3, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.rand(shape, generator=g) < rate).double() * torch.sign(torch.randn(shape, generator=g))
+    return s.to(device)
+
+
+def compare_with_reference(net, arch, spike_seq, k):
+    """Engine vs reference on the same weights, input spikes and dropout masks."""
+    target = torch.randn(spike_seq.shape[1], 10, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    target = target.to(spike_seq.device)
+    x = spike_seq.clone().requires_grad_()
+    net.time_chunk = k
+    out = net(x)
+    (out - target).pow(2).sum().backward()
+    masks = {n: m.mask for n, m in net.named_modules() if getattr(m, "mask", None) is not None}
+
+    weights = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+    x_ref = spike_seq.clone().requires_grad_()
+    record = {}
+    ref = reference_forward(arch, weights, x_ref, leak=net.leak, masks=masks, record=record)
+    (ref - target).pow(2).sum().backward()
+
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(x.grad, x_ref.grad, **TOL)
+    for n, p in net.named_parameters():
+        assert p.grad.abs().sum() > 0, f"{n} got no gradient: the comparison would be vacuous"
+        torch.testing.assert_close(p.grad, weights[n].grad, **TOL, msg=f"gradient of {n}")
+    return masks, record
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,k", CASES)
+def test_conv_pool_linear_stack(T, k, device):
+    torch.manual_seed(T * 100 + k)
+    net = Stack3(T, dropout=0.25).double().to(device)
+    masks, record = compare_with_reference(net, "stack3", signed_spikes((T, 3, 2, 8, 8), device=device), k)
+    assert set(masks) == {"conv"} and (masks["conv"] == 0).any()
+    # G is the engine's own, from the whole window, whatever the chunking
+    torch.testing.assert_close(net.conv.window.G(0.99), record["G.conv"], **TOL)
+
+
+def test_eval_mode_matches_training_forward():
+    """No grad, no dropout: the same spikes, hence the same output as the training forward."""
+    torch.manual_seed(0)
+    net = Stack3(7).double()
+    x = signed_spikes((7, 2, 2, 8, 8))
+    train_out = net(x)
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), train_out.detach(), rtol=0, atol=0)
+        net.time_chunk = 3
+        torch.testing.assert_close(net(x), train_out.detach(), rtol=0, atol=0)
+
+
+def test_float32_spikes_match_reference():
+    current = edge_currents(20).detach().float().requires_grad_()
+    ref, _ = reference_lif(current)
+    out = run_chunks(sl.LIF(), current, 3)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+
+
+def test_bf16_autocast_keeps_spikes_exact_and_membranes_fp32():
+    torch.manual_seed(0)
+    net = Stack3(6)
+    x = signed_spikes((6, 4, 2, 8, 8)).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(x)
+        assert net.conv.u.dtype == torch.float32 and net.pool.u.dtype == torch.float32
+        spikes = net.conv(x[:1])
+        assert spikes.dtype == torch.bfloat16 and set(spikes.unique().tolist()) <= {0.0, 1.0}
+    out.pow(2).sum().backward()
+    assert out.dtype == torch.float32 and torch.isfinite(net.conv.weight.grad).all()
+    assert net.conv.weight.grad.dtype == torch.float32
+
+
+def test_backward_saves_spikes_in_one_byte():
+    """No float currents, membranes or spikes are kept for backward: only bool/int8 spike
+    trains, plus weights and the per-neuron dropout masks."""
+    torch.manual_seed(0)
+    net = Stack3(10, dropout=0.25)
+    params = {p.data_ptr() for p in net.parameters()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        net(signed_spikes((10, 4, 2, 8, 8)).float()).sum().backward()
+    time_resolved = [t for t in saved if t.data_ptr() not in params and t.dim() >= 3 and t.shape[1] == 4]
+    assert time_resolved, "nothing was saved: the hook did not see the engine"
+    for t in time_resolved:
+        assert t.dtype in (torch.bool, torch.int8) or t.shape[0] == 4, (t.dtype, t.shape)
+
+
+def test_synapse_gradcheck():
+    """The conv/linear synapse is linear, so its hand-written backward must be the exact
+    derivative: gradcheck with graded inputs (kept as float) and spike inputs (kept in int8)."""
+    conv = sl.Conv2d(2, 3, 3, stride=2, padding=1).double()
+    fc = sl.Linear(5, 4).double()
+    for layer, shape in ((conv, (2, 3, 2, 5, 5)), (fc, (3, 2, 5))):
+        for x in (torch.randn(shape, dtype=torch.float64), signed_spikes(shape) * 1.25):
+            x.requires_grad_()
+            assert torch.autograd.gradcheck(lambda x, w: sl._Synapse.apply(x, w, layer), (x, layer.weight))

@@ -25,6 +25,14 @@ def chunk_sizes(T):
 CASES = [(T, k) for T in (1, 5, 12, 37) for k in chunk_sizes(T)]
 
 
+@pytest.fixture(params=["compiled", "tensor-ops"])
+def kernels(request, monkeypatch):
+    """Both implementations of the neuron recursion: the compiled CPU loops, and the tensor
+    operations GPUs run (checked here on the CPU)."""
+    monkeypatch.setattr(sl, "CPU_KERNELS", request.param == "compiled" and sl.numba is not None)
+    return request.param
+
+
 def run_chunks(module, current_seq, k):
     module.reset()
     return torch.cat([module(c) for c in current_seq.split(k)])
@@ -44,7 +52,7 @@ def edge_currents(T, n=40, v_th=1.0, device="cpu", seed=0):
     return i.to(device).requires_grad_()
 
 
-def test_leak_correction_by_hand():
+def test_leak_correction_by_hand(kernels):
     """Spikes at steps 0 and 3 of T = 4, λ = 0.99: LF = λ³ + 1, N = 2."""
     lif = sl.LIF(leak=0.99)
     current = torch.tensor([1.5, 0.2, 0.2, 1.5], dtype=torch.float64).view(4, 1, 1).requires_grad_()
@@ -69,7 +77,7 @@ def test_silent_neuron_has_zero_gradient():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T,k", CASES)
-def test_lif_layer(T, k, device):
+def test_lif_layer(T, k, device, kernels):
     current = edge_currents(T, device=device)
     upstream = torch.randn(current.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
     ref, ref_G = reference_lif(current, leak=0.99)
@@ -86,7 +94,7 @@ def test_lif_layer(T, k, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T,k", CASES)
-def test_pool_neuron(T, k, device):
+def test_pool_neuron(T, k, device, kernels):
     current = edge_currents(T, v_th=0.75, device=device, seed=2)
     upstream = torch.randn(current.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
     ref = reference_pool_neuron(current)
@@ -164,7 +172,7 @@ def compare_with_reference(net, arch, spike_seq, k):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T,k", CASES)
-def test_conv_pool_linear_stack(T, k, device):
+def test_conv_pool_linear_stack(T, k, device, kernels):
     torch.manual_seed(T * 100 + k)
     net = Stack3(T, dropout=0.25).double().to(device)
     masks, record = compare_with_reference(net, "stack3", signed_spikes((T, 3, 2, 8, 8), device=device), k)
@@ -186,14 +194,14 @@ def test_eval_mode_matches_training_forward():
         torch.testing.assert_close(net(x), train_out.detach(), rtol=0, atol=0)
 
 
-def test_float32_spikes_match_reference():
+def test_float32_spikes_match_reference(kernels):
     current = edge_currents(20).detach().float().requires_grad_()
     ref, _ = reference_lif(current)
     out = run_chunks(sl.LIF(), current, 3)
     assert out.dtype == torch.float32 and torch.equal(out, ref)
 
 
-def test_bf16_autocast_keeps_spikes_exact_and_membranes_fp32():
+def test_bf16_autocast_keeps_spikes_exact_and_membranes_fp32(kernels):
     torch.manual_seed(0)
     net = Stack3(6)
     x = signed_spikes((6, 4, 2, 8, 8)).float()

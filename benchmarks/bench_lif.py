@@ -1,0 +1,65 @@
+"""The LIF layer alone, forward + backward: the engine against the per-step reference.
+
+    python benchmarks/bench_lif.py                     # currents (T=100, 64, 20, 28, 28), CPU
+    python benchmarks/bench_lif.py --device cuda --json
+
+Prints the speed ratio (reference time / engine time) and the peak-memory ratio (engine /
+reference). Targets on the 2-core CPU: ≥ 5× faster, ≤ 1/4 of the memory.
+"""
+import argparse
+
+import torch
+
+import harness
+import spiking_layers as sl
+from reference import reference_lif
+
+
+def make_step(impl, shape, chunk, device):
+    gen = torch.Generator().manual_seed(0)
+    current = (torch.rand(shape, generator=gen) * 0.6).to(device).requires_grad_()
+    upstream = torch.randn(shape, generator=gen).to(device)
+
+    def engine():
+        lif = sl.LIF(leak=0.99)
+        torch.cat([lif(c) for c in current.split(chunk)]).backward(upstream)
+        current.grad = None
+
+    def reference():
+        spikes, _ = reference_lif(current, leak=0.99)
+        spikes.backward(upstream)
+        current.grad = None
+
+    return engine if impl == "engine" else reference
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="100,64,20,28,28", help="T,B,C,H,W (default: %(default)s)")
+    p.add_argument("--time-chunk", type=int, default=None, help="time steps per call (default: auto)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default: %(default)s)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--memory-worker", metavar="IMPL", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    shape = tuple(int(s) for s in args.shape.split(","))
+    device = torch.device(args.device)
+    chunk = args.time_chunk or sl.default_time_chunk(shape[1], shape[0], device)
+    if args.memory_worker:
+        print(harness.peak_memory(make_step(args.memory_worker, shape, chunk, device), device))
+        return
+
+    steps = {impl: make_step(impl, shape, chunk, device) for impl in ("engine", "reference")}
+    seconds = harness.alternate(steps, args.rounds, device)
+    worker_args = ["--shape", args.shape, "--time-chunk", str(chunk), "--device", args.device]
+    memory = {impl: harness.measure_in_subprocess(__file__, [impl] + worker_args) for impl in steps}
+    row = dict(bench="lif_layer_fwd_bwd", shape=args.shape, time_chunk=chunk, device=args.device,
+               engine_s=seconds["engine"], reference_s=seconds["reference"],
+               speedup=seconds["reference"] / seconds["engine"],
+               engine_peak=harness.fmt_bytes(memory["engine"]), reference_peak=harness.fmt_bytes(memory["reference"]),
+               memory_ratio=memory["engine"] / memory["reference"], **harness.machine())
+    harness.report([row], args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Training steps and inference of whole networks: the engine against the per-step reference.
+
+    python benchmarks/bench_train.py                          # LeNet, VGG9, ResNet11 on the CPU
+    python benchmarks/bench_train.py --models lenet --amp     # the engine under bf16 autocast
+    python benchmarks/bench_train.py --device cuda --json
+
+Same weights, same input spikes. A training step is forward, summed squared error, backward and
+an SGD step; inference is a forward pass without grad. Sizes: LeNet T = 100, batch 64; VGG9 and
+ResNet11 T = 20, batch 8 on a CPU, T = 100, batch 16 on a GPU. Prints samples/s of each, their
+ratio, and the peak memory of each (measured in its own process) and their ratio.
+"""
+import argparse
+import contextlib
+
+import torch
+
+import harness
+from cifar10_ResNet11 import ResNet11
+from cifar10_VGG9 import VGG9
+from mnist_LeNet import LeNet
+from reference import reference_forward
+
+NETWORKS = {"lenet": (LeNet, (1, 28, 28)), "vgg9": (VGG9, (3, 32, 32)), "resnet11": (ResNet11, (3, 32, 32))}
+
+
+def sizes(name, device):
+    if name == "lenet":
+        return 100, 64
+    return (100, 16) if device.type == "cuda" else (20, 8)
+
+
+def make_step(name, impl, mode, device, amp, chunk, T=None, B=None):
+    """A closure running one training step or one inference pass of `impl`."""
+    Model, shape = NETWORKS[name]
+    T0, B0 = sizes(name, device)
+    T, B = T or T0, B or B0
+    torch.manual_seed(0)
+    model = Model(time_steps=T, dropout=0.0).to(device)
+    model.time_chunk = chunk
+    spikes = model.encode(torch.rand(B, *shape, device=device) * 0.9)
+    target = torch.nn.functional.one_hot(torch.arange(B, device=device) % 10, 10).float()
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+
+    if impl == "engine":
+        params = list(model.parameters())
+        forward = model
+    else:
+        weights = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+        params = list(weights.values())
+        forward = lambda x: reference_forward(name, weights, x, leak=model.leak)
+    opt = torch.optim.SGD(params, lr=1e-4, weight_decay=5e-4)
+
+    def train_step():
+        model.train()
+        with autocast() if impl == "engine" else contextlib.nullcontext():
+            loss = (forward(spikes) - target).pow(2).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def inference():
+        model.eval()
+        with torch.no_grad(), autocast() if impl == "engine" else contextlib.nullcontext():
+            forward(spikes)
+
+    return (train_step if mode == "train" else inference), T, B
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="lenet,vgg9,resnet11", help="(default: %(default)s)")
+    p.add_argument("--modes", default="train,infer", help="(default: %(default)s)")
+    p.add_argument("--amp", action="store_true", help="run the engine under bf16 autocast")
+    p.add_argument("--time-chunk", type=int, default=None, help="time steps per call (default: auto)")
+    p.add_argument("--time-steps", type=int, default=None, help="override T")
+    p.add_argument("--batch-size", type=int, default=None, help="override the batch size")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "IMPL", "MODE"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    common = dict(device=device, amp=args.amp, chunk=args.time_chunk, T=args.time_steps, B=args.batch_size)
+    if args.memory_worker:
+        name, impl, mode = args.memory_worker
+        print(harness.peak_memory(make_step(name, impl, mode, **common)[0], device))
+        return
+
+    rows = []
+    for name in args.models.split(","):
+        for mode in args.modes.split(","):
+            steps = {impl: make_step(name, impl, mode, **common) for impl in ("engine", "reference")}
+            T, B = steps["engine"][1:]
+            seconds = harness.alternate({impl: s[0] for impl, s in steps.items()}, args.rounds, device)
+            row = dict(model=name, mode=mode, T=T, batch=B, amp=args.amp, device=args.device,
+                       engine_samples_s=B / seconds["engine"], reference_samples_s=B / seconds["reference"],
+                       speedup=seconds["reference"] / seconds["engine"])
+            if not args.no_memory:
+                flags = ["--device", args.device] + (["--amp"] if args.amp else [])
+                flags += [f"--{k}={v}" for k, v in (("time-chunk", args.time_chunk), ("time-steps", args.time_steps),
+                                                   ("batch-size", args.batch_size)) if v]
+                mem = {impl: harness.measure_in_subprocess(__file__, [name, impl, mode] + flags) for impl in steps}
+                row.update(engine_peak=harness.fmt_bytes(mem["engine"]),
+                           reference_peak=harness.fmt_bytes(mem["reference"]),
+                           memory_ratio=mem["engine"] / mem["reference"])
+            rows.append(row)
+            if not args.json:
+                harness.report([row], False)
+    if args.json:
+        harness.report([dict(machine=harness.machine())] + rows, True)
+    else:
+        print("machine:", harness.machine())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Side-by-side timing and peak memory of two implementations, for the benchmarks here.
+
+Speed: the two are run alternately, round after round, in one process, so that machine noise
+hits both alike; the median per round is reported. Peak memory: each implementation is measured
+alone in a fresh process (RSS growth on a CPU, torch.cuda.max_memory_allocated on a GPU), since
+a process never gives freed memory back to RSS and would hide the second one's peak."""
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def alternate(fns, rounds, device):
+    """{name: median seconds per call}, calling each fn once per round, in turn."""
+    for fn in fns.values():  # warm-up: compilation, allocator, caches
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync(device)
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory(fn, device, calls=2):
+    """Peak memory growth (bytes) of calling fn, in this (fresh) process."""
+    if device.type == "cuda":
+        fn()  # warm-up (cuDNN workspaces, allocator pools)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    base = rss_bytes()
+    for _ in range(calls):
+        fn()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def measure_in_subprocess(script, args):
+    """Run `script --memory-worker ...` in a fresh process; returns the bytes it prints."""
+    out = subprocess.run([sys.executable, script, "--memory-worker", *args], capture_output=True,
+                         text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def fmt_bytes(n):
+    return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+def report(rows, as_json):
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+
+
+def machine():
+    cpu = "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu,
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                load=os.getloadavg()[0])

@@ -1,1 +1,503 @@
-def main(*a, **k): raise NotImplementedError
+"""The loop shared by the four paper scripts: CLI, setup, data, train/validate, checkpoints, logs.
+
+Each script calls `main(Model, DEFAULTS, datasets)`. The sections follow the order of a run.
+
+    python mnist_LeNet.py --dataset fashion-mnist                      one process, CPU or GPU
+    torchrun --nproc_per_node=4 cifar10_VGG9.py                        DDP: --batch-size is per process
+    python cifar10_ResNet11.py --resume model_bestT1_cifar10_r11.pth.tar --evaluate
+"""
+import argparse
+import csv
+import gzip
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torchvision import datasets
+from torchvision import transforms as T
+from tqdm import tqdm
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install -y dataset-fashion-mnist
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, not the 15-line usage block before it
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass  # "(default: …)" after every flag, and the script's docstring as written
+
+
+def _checked(kind, ok, rule):
+    """An argparse type that also checks the value, so bad settings fail before anything is built."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
+        return value
+    return parse
+
+
+COUNT = _checked(int, lambda n: n >= 1, "must be an integer ≥ 1")
+EPOCHS = _checked(lambda s: tuple(int(e) for e in s.split(",") if e.strip()), lambda t: True, "must be like 70,100")
+
+
+def get_parser(description, defaults, datasets=None):
+    """Every flag of every script, defined once; the script's DEFAULTS dict sets their values."""
+    p = _Parser(description=description, formatter_class=_Formatter)
+    a = p.add_argument
+    if datasets and len(datasets) > 1:
+        a("--dataset", choices=datasets, help="dataset")
+    a("-b", "--batch-size", type=COUNT, metavar="N", help="training mini-batch size *per process*")
+    a("--test-batch-size", type=COUNT, metavar="N", help="test mini-batch size per process")
+    a("--lr", type=_checked(float, lambda x: x > 0, "must be > 0"), help="initial learning rate (SGD)")
+    a("--lr-steps", type=EPOCHS, metavar="E1,E2", help="epochs after which the LR is multiplied by 0.2")
+    a("--momentum", type=float, metavar="M", help="SGD momentum; 0 is faithful: the authors parsed "
+      "--momentum 0.9 but never passed it to SGD")
+    a("--wd", "--weight-decay", type=float, dest="weight_decay", metavar="W", help="weight decay")
+    a("--epochs", type=int, metavar="N", help="train until this many epochs are complete")
+    a("--start-epoch", type=int, default=0, metavar="N", help="epochs already done, for a restart without "
+      "a checkpoint (--resume overrides it)")
+    a("-p", "--print-freq", type=COUNT, default=100, metavar="N", help="a status line every N mini-batches "
+      "when the progress bar is off")
+    a("--resume", metavar="PATH", help="checkpoint to start from: ours, or the authors' releases")
+    a("-e", "--evaluate", action="store_true", help="evaluate on the test set and exit")
+    a("-j", "--workers", type=int, default=2, metavar="N", help="data loading worker processes")
+    a("--time-steps", type=COUNT, metavar="T", help="time steps per image, training and test")
+    a("--leak", type=_checked(float, lambda x: 0 < x <= 1, "must lie in (0, 1]"),
+      help="leak factor λ of the LIF membranes")
+    a("--dropout", type=_checked(float, lambda x: 0 <= x < 1, "must lie in [0, 1)"),
+      help="probability of the time-fixed dropout after each spiking layer")
+    a("--seed", type=int, help="torch.manual_seed (+ rank under torchrun); CUDA uses DEFAULTS' cuda_seed")
+    a("--data-dir", default="./data", metavar="DIR", help="torchvision datasets are read (or downloaded) here")
+    a("--synthetic", action="store_true", help="deterministic random images of the dataset's shape, 10 "
+      "classes (torchvision FakeData), instead of the dataset: for smoke tests and CI; learns nothing")
+    a("--limit-train", type=COUNT, metavar="N", help="use only the first N training examples")
+    a("--limit-val", type=COUNT, metavar="N", help="use only the first N test examples")
+    a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
+    a("--time-chunk", type=COUNT, metavar="K", help="time steps per convolution call; default: all T on a "
+      "GPU, ~256 images per call on a CPU. Results do not depend on it")
+    a("--amp", action="store_true", help="bfloat16 autocast around forward and loss")
+    a("--out-dir", default=".", metavar="DIR", help="checkpoints and the CSV log go here")
+    a("--no-progress", action="store_true", help="no tqdm bar (also off when stdout is not a terminal)")
+    a("--dead-patience", type=COUNT, default=10, metavar="N", help="warn once a layer has been silent or "
+      "saturated for N consecutive mini-batches")
+    a("--stop-on-dead", action="store_true", help="exit with an error instead of that warning")
+    # lr_steps as typed on the command line: --help shows "70,100,125" and argparse parses it
+    p.set_defaults(**{**defaults, "lr_steps": ",".join(map(str, defaults["lr_steps"]))})
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# Seed, device, processes
+
+def setup(args):
+    """Join torchrun's process group if there is one, pick the device, seed."""
+    args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    args.distributed = args.world_size > 1
+    cuda = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but no CUDA device is available")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if args.distributed:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    # + rank: each process draws its own Poisson spikes and dropout masks; DDP copies rank 0's weights
+    torch.manual_seed(args.seed + args.rank)
+    torch.cuda.manual_seed_all(args.cuda_seed + args.rank)
+    log(args, f"=> world size: {args.world_size}, device: {device.type}, "
+        f"{args.world_size * args.batch_size} training images per step")
+    return device
+
+
+def log(args, message, file=None):
+    """Print on rank 0 only, without tearing a live progress bar."""
+    if args.rank == 0:
+        tqdm.write(message, file=file or sys.stdout)
+        (file or sys.stdout).flush()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+NORMALISE = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.557, 0.549, 0.5534)),  # the authors' values
+             "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))}
+TORCHVISION = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
+               "cifar10": datasets.CIFAR10, "svhn": datasets.SVHN}
+
+
+def get_transform(name, train):
+    if name not in NORMALISE:  # (Fashion-)MNIST: ToTensor only; the Poisson code reads intensities
+        return T.ToTensor()
+    augment = [T.RandomCrop(32, padding=4)] + ([T.RandomHorizontalFlip()] if name == "cifar10" else [])
+    return T.Compose((augment if train else []) + [T.ToTensor(), T.Normalize(*NORMALISE[name])])
+
+
+def get_dataset(args, train):
+    """The dataset (or --synthetic stand-in) with its transform, cut to the first --limit-* examples."""
+    transform, limit = get_transform(args.dataset, train), args.limit_train if train else args.limit_val
+    if args.synthetic:
+        shape = (3, 32, 32) if args.dataset in NORMALISE else (1, 28, 28)
+        data = datasets.FakeData(limit or (1024 if train else 256), shape, 10, transform,
+                                 random_offset=0 if train else 10 ** 6)  # test images differ from training
+    else:
+        data = _torchvision_dataset(args, train, transform)
+    return Subset(data, range(min(limit, len(data)))) if limit else data
+
+
+def _torchvision_dataset(args, train, transform):
+    name, root = args.dataset, args.data_dir
+    if name == "fashion-mnist":
+        _unpack_debian_fashion_mnist(args)
+    cls = TORCHVISION[name]
+    split = dict(split="train" if train else "test") if name == "svhn" else dict(train=train)
+    try:
+        return cls(root, transform=transform, download=False, **split)
+    except RuntimeError:  # not there: download it
+        pass
+    try:
+        return cls(root, transform=transform, download=True, **split)
+    except Exception as e:
+        how = (f"install it with apt-get install -y dataset-fashion-mnist (Debian package dataset-fashion-mnist, "
+               f"found in {DEBIAN_FASHION_MNIST})" if name == "fashion-mnist" else
+               f"run once with internet access, or copy torchvision's {cls.__name__} files under {root}")
+        raise SystemExit(f"error: {name} is not in {root} and could not be downloaded ({_first_line(e)}); {how}")
+
+
+def _unpack_debian_fashion_mnist(args):
+    """torchvision reads decompressed IDX files from <root>/FashionMNIST/raw; Debian ships them gzipped."""
+    raw = os.path.join(args.data_dir, "FashionMNIST", "raw")
+    names = [f"{s}-{k}-idx{d}-ubyte" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
+    missing = [n for n in names if not os.path.exists(os.path.join(raw, n))]
+    if not missing or not all(os.path.exists(os.path.join(DEBIAN_FASHION_MNIST, n + ".gz")) for n in missing):
+        return
+    os.makedirs(raw, exist_ok=True)
+    for n in missing:  # through a temp file: torchrun's processes may all do this at once
+        tmp = os.path.join(raw, f".{n}.{os.getpid()}")
+        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, n + ".gz")) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, os.path.join(raw, n))
+    log(args, f"=> decompressed Fashion-MNIST from {DEBIAN_FASHION_MNIST} into {raw}")
+
+
+def get_loader(args, train, device):
+    data, sampler = get_dataset(args, train), None
+    if args.distributed and train:
+        sampler = DistributedSampler(data, shuffle=True, seed=args.seed)
+    elif args.distributed:  # a strided share: DistributedSampler would pad, counting some images twice
+        data = Subset(data, range(args.rank, len(data), args.world_size))
+    return DataLoader(data, batch_size=args.batch_size if train else args.test_batch_size,
+                      shuffle=train and sampler is None, sampler=sampler, num_workers=args.workers,
+                      pin_memory=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation
+
+def sse_loss(output, target):
+    """The paper's loss: squared error against one-hot, summed over batch and classes (not averaged)."""
+    return (output - F.one_hot(target, output.shape[1]).to(output.dtype)).pow(2).sum()
+
+
+def batch_metrics(output, target):
+    """Sums over the batch; Meter turns them into means per example."""
+    hits = output.topk(5, dim=1).indices == target[:, None]
+    return dict(loss=sse_loss(output, target).item(), ce=F.cross_entropy(output, target, reduction="sum").item(),
+                prec1=100.0 * hits[:, 0].sum().item(), prec5=100.0 * hits.any(1).sum().item())
+
+
+def train_one_epoch(model, net, loader, optimizer, monitor, epoch, args, device):
+    """One pass over the training set. `net` is the network itself, `model` its DDP wrapper (or `net`)."""
+    model.train()
+    meter = Meter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show_progress(args))
+    for i, (images, target) in enumerate(bar):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        # forward over T steps, the paper's loss
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            output = model(images).float()
+        loss = sse_loss(output, target)
+        # backward with the leak-aware derivative, SGD step
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        # health: all ranks judge the same rates, or --stop-on-dead would stop only some of them
+        rates = {**net.firing_rates(), "output": (output != 0).float().mean().item()}
+        if args.distributed:
+            rates = dict(zip(rates, (all_reduce(list(rates.values()), device) / args.world_size).tolist()))
+        monitor.check(rates, epoch, i + 1)
+        meter.update(len(target), **batch_metrics(output.detach(), target),
+                     **{f"rate_{k}": v * len(target) for k, v in rates.items() if k != "output"})
+        m = meter.local_mean()
+        bar.set_postfix(loss=f"{m['loss']:.4f}", prec1=f"{m['prec1']:.2f}", refresh=False)
+        if bar.disable and (i + 1) % args.print_freq == 0:
+            log(args, f"=> epoch {epoch + 1} [{i + 1}/{len(loader)}] loss {m['loss']:.4f} Prec@1 {m['prec1']:.3f}")
+    return meter.mean(args, device)
+
+
+@torch.no_grad()
+def validate(net, loader, args, device):
+    """Test metrics over all processes, each of which evaluates its own share of the test set."""
+    net.eval()
+    meter = Meter()
+    for images, target in tqdm(loader, desc="test", leave=False, disable=not show_progress(args)):
+        images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+            output = net(images).float()
+        meter.update(len(target), **batch_metrics(output, target))
+    return meter.mean(args, device)
+
+
+def show_progress(args):
+    return not args.no_progress and args.rank == 0 and sys.stdout.isatty()
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def checkpoint_state(net, optimizer, scheduler, epoch, best_prec1, args):
+    """The authors' keys, plus what an exact resume needs; tensors and plain data only (weights_only)."""
+    return dict(epoch=epoch, arch=type(net).__name__, state_dict=net.state_dict(), best_prec1=best_prec1,
+                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng_cpu=torch.get_rng_state(),
+                rng_cuda=torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
+                args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()})
+
+
+def save_checkpoint(state, is_best, args):
+    save_atomic(state, os.path.join(args.out_dir, f"checkpointT1_{args.tag}.pth.tar"))
+    if is_best:
+        save_atomic(state, os.path.join(args.out_dir, f"model_bestT1_{args.tag}.pth.tar"))
+
+
+def save_atomic(obj, path):
+    """Write a temp file beside `path`, then rename it: a crash mid-save leaves the old file intact."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path, net):
+    """Load weights into `net` from one of ours or an authors' release (legacy serialization, a full
+    dict or a bare state_dict, DataParallel's `module.` prefix). Returns the dict, {} if bare."""
+    if not os.path.isfile(path):  # never train from scratch instead, as the authors' scripts did
+        raise SystemExit(f"error: --resume {path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint must not run code
+    except Exception as e:
+        raise SystemExit(f"error: --resume {path}: corrupt, truncated, or not loadable with weights_only=True "
+                         f"({_first_line(e)})")
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise SystemExit(f"error: --resume {path}: holds no state_dict of tensors")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    own = net.state_dict()
+    problems = {"missing": sorted(own.keys() - state.keys()), "unexpected": sorted(state.keys() - own.keys()),
+                "shape": [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                          if k in own and v.shape != own[k].shape]}
+    if any(problems.values()):
+        found = "; ".join(f"{kind} {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
+                          for kind, names in problems.items() if names)
+        raise SystemExit(f"error: --resume {path} is not a {type(net).__name__} checkpoint: {found}")
+    net.load_state_dict(state)
+    return ckpt if "state_dict" in ckpt else {}
+
+
+def restore_training(ckpt, optimizer, scheduler, args):
+    """Optimizer, LR schedule and RNG from `ckpt`; returns (start_epoch, best_prec1)."""
+    start_epoch = int(ckpt.get("epoch", args.start_epoch))
+    try:
+        if "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if "scheduler" in ckpt:
+            scheduler.load_state_dict(ckpt["scheduler"])
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"error: --resume {args.resume}: its optimizer state does not fit ({_first_line(e)})")
+    if "scheduler" not in ckpt:  # an authors' release: their LR is not ours to trust
+        set_lr_for_epoch(optimizer, scheduler, start_epoch, args)
+    if "rng_cpu" in ckpt and not args.distributed:  # under torchrun, each rank keeps its own seed
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if ckpt.get("rng_cuda") is not None and torch.cuda.device_count() == len(ckpt["rng_cuda"]):
+            torch.cuda.set_rng_state_all(list(ckpt["rng_cuda"]))
+    return start_epoch, float(ckpt.get("best_prec1", -math.inf))
+
+
+def set_lr_for_epoch(optimizer, scheduler, epoch, args):
+    """Put the schedule where it would be after `epoch` epochs."""
+    for group in optimizer.param_groups:
+        group["lr"] = args.lr * 0.2 ** sum(epoch >= step for step in args.lr_steps)
+    scheduler.last_epoch = epoch
+
+
+def _first_line(e):
+    text = str(e).split("WeightsUnpickler error:")[-1]  # skip torch's paragraph about weights_only=False
+    return ([s.strip() for s in text.splitlines() if s.strip()] or [type(e).__name__])[0].split(". ")[0][:200]
+
+
+# ----------------------------------------------------------------------------------------------
+# Meters and the CSV log
+
+class Meter:
+    """Sums of per-batch metrics and the number of examples; the means are per example."""
+
+    def __init__(self):  # the fixed keys exist even on a rank that saw no batch, for all_reduce
+        self.count, self.sums = 0, dict.fromkeys(("loss", "ce", "prec1", "prec5"), 0.0)
+
+    def update(self, n, **sums):
+        self.count += n
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def local_mean(self):
+        return {k: v / max(self.count, 1) for k, v in self.sums.items()}
+
+    def mean(self, args, device):
+        if not args.distributed:
+            return self.local_mean()
+        count, *sums = all_reduce([self.count, *self.sums.values()], device).tolist()
+        return {k: v / max(count, 1) for k, v in zip(self.sums, sums)}
+
+
+def all_reduce(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t
+
+
+def append_csv(path, row):
+    """One row per epoch; the header goes in with the first row, and a resumed run appends."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def fmt(m):
+    return f"Prec@1 {m['prec1']:.3f} Prec@5 {m['prec5']:.3f} Loss {m['loss']:.4f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Training health
+
+LOUDER = "more time steps (--time-steps), a lower learning rate (--lr), or a larger init scale"
+
+
+class HealthMonitor:
+    """Catches a layer that is silent (rate 0) or saturated (rate 1) batch after batch.
+
+    A silent layer passes no input forward and no gradient back (∂o/∂U' is zero where no spike
+    fired), so once it has lasted a few mini-batches it almost never ends by itself."""
+
+    def __init__(self, args):
+        self.args, self.streak, self.reported = args, {}, set()
+
+    def check(self, rates, epoch, batch):
+        """rates: layer -> firing rate in this batch; 'output' -> fraction of non-zero outputs."""
+        for name, rate in rates.items():
+            dead = rate == 0.0 or (rate == 1.0 and name != "output")
+            self.streak[name] = self.streak.get(name, 0) + 1 if dead else 0
+        due = [n for n in rates if self.streak[n] >= self.args.dead_patience and n not in self.reported]
+        if not due:
+            return
+        self.reported.update(due)
+        first, rate = due[0], rates[due[0]]
+        if first == "output":
+            what, remedy = "the output layer has been silent (all outputs exactly 0)", LOUDER
+        elif rate == 1.0:
+            what, remedy = f"layer {first} has been saturated (a spike at every step)", \
+                "a lower learning rate (--lr) or a smaller init scale"
+        else:
+            what, remedy = f"layer {first} has been silent (no spike)", LOUDER
+        also = f"; likewise {', '.join(due[1:])}" if len(due) > 1 else ""
+        message = (f"{what} for {self.args.dead_patience} consecutive mini-batches (rate {rate:.3f}, epoch "
+                   f"{epoch + 1}, batch {batch}){also}. It cannot learn like this; what usually helps: {remedy}")
+        if self.args.stop_on_dead:
+            raise SystemExit(f"error: {message} (stopped by --stop-on-dead)")
+        log(self.args, f"WARNING: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+def main(Model, defaults, datasets=None, argv=None):
+    """Parse the flags, build `Model`, then evaluate (--evaluate) or train. Returns the network."""
+    args = get_parser(sys.modules[Model.__module__].__doc__, defaults, datasets).parse_args(argv)
+    device = setup(args)
+    try:
+        return run(Model, args, device)
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted; the last completed epoch is in the checkpoint")
+    finally:
+        if args.distributed:
+            dist.destroy_process_group()
+
+
+def run(Model, args, device):
+    net = Model(time_steps=args.time_steps, leak=args.leak, dropout=args.dropout).to(device)
+    net.time_chunk = args.time_chunk
+    optimizer = torch.optim.SGD(net.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_steps, gamma=0.2)  # the paper's ×0.2
+    set_lr_for_epoch(optimizer, scheduler, args.start_epoch, args)
+    start_epoch, best_prec1 = args.start_epoch, -math.inf
+    if args.resume:
+        ckpt = load_checkpoint(args.resume, net)
+        done = f" (epoch {ckpt['epoch']}, best Prec@1 {float(ckpt['best_prec1']):.3f})" \
+            if {"epoch", "best_prec1"} <= ckpt.keys() else ""
+        log(args, f"=> loaded {args.resume}{done}")
+        trained_with = ckpt.get("args", {}).get("time_steps", args.time_steps)
+        if trained_with != args.time_steps:
+            log(args, f"=> note: trained with --time-steps {trained_with}, running with {args.time_steps}")
+        if not args.evaluate:
+            start_epoch, best_prec1 = restore_training(ckpt, optimizer, scheduler, args)
+    val_loader = get_loader(args, False, device)
+    if args.evaluate:
+        log(args, "Test: " + fmt(validate(net, val_loader, args, device)))
+        return net
+
+    train_loader = get_loader(args, True, device)
+    model = DistributedDataParallel(net) if args.distributed else net  # on CUDA it uses the current device
+    monitor = HealthMonitor(args)
+    os.makedirs(args.out_dir, exist_ok=True)
+    for epoch in range(start_epoch, args.epochs):
+        if args.distributed:
+            train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
+        start, lr = time.time(), optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(model, net, train_loader, optimizer, monitor, epoch, args, device)
+        test = validate(net, val_loader, args, device)
+        scheduler.step()
+        is_best, best_prec1 = test["prec1"] > best_prec1, max(test["prec1"], best_prec1)
+        seconds, rates = time.time() - start, {k: v for k, v in train.items() if k.startswith("rate_")}
+        if args.rank == 0:
+            save_checkpoint(checkpoint_state(net, optimizer, scheduler, epoch + 1, best_prec1, args), is_best, args)
+            append_csv(os.path.join(args.out_dir, f"log_{args.tag}.csv"), {
+                "epoch": epoch + 1, "lr": lr, **{f"train_{k}": train[k] for k in ("loss", "ce", "prec1", "prec5")},
+                **{f"test_{k}": test[k] for k in ("loss", "ce", "prec1", "prec5")}, "seconds": round(seconds, 1),
+                **rates})
+        log(args, f"=> epoch {epoch + 1}/{args.epochs} lr {lr:.3g} {seconds:.0f} s | train {fmt(train)} | "
+            f"Test: {fmt(test)} | rates " + " ".join(f"{k[5:]} {v:.3f}" for k, v in rates.items()))
+    log(args, f"=> best Prec@1 {best_prec1:.3f}; checkpoints and log_{args.tag}.csv in {args.out_dir}")
+    return net

@@ -1,0 +1,150 @@
+"""Checkpoints: the authors' releases load, ours resume exactly, bad files end in one clear line."""
+import collections
+import csv
+import os
+
+import pytest
+import torch
+
+import utils
+from test_scripts import NETWORKS, SCRIPTS, network
+
+
+def run_main(script, argv):
+    """The script's main() in this process; returns the trained or evaluated network."""
+    net, module = network(script, time_steps=2)
+    return utils.main(type(net), module.DEFAULTS, argv=[str(a) for a in argv])
+
+
+def exit_message(script, argv):
+    """(exit code, message) of a run that must stop with SystemExit (which Python prints without a traceback)."""
+    with pytest.raises(SystemExit) as e:
+        run_main(script, argv)
+    code = e.value.code
+    return (1, code) if isinstance(code, str) else (code, "")
+
+
+def authors_checkpoint(script, path, prefix="module."):
+    """The authors' layout: PyTorch 0.3-era (non-zip) serialization, a DataParallel `module.` prefix, their
+    `arch` (always 'resnet18', from the ImageNet example) and an SGD state of that time."""
+    net, _ = network(script, time_steps=2)
+    state = collections.OrderedDict((prefix + k, v) for k, v in net.state_dict().items())
+    optimizer = {"state": {}, "param_groups": [{"lr": 0.0033, "momentum": 0, "dampening": 0, "weight_decay": 5e-4,
+                                                "nesterov": False, "params": list(range(len(state)))}]}
+    torch.save({"epoch": 7, "arch": "resnet18", "state_dict": state, "best_prec1": 90.1, "optimizer": optimizer},
+               path, _use_new_zipfile_serialization=False)
+    return net.state_dict()
+
+
+# ----------------------------------------------------------------------------------------------
+# The authors' releases
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_authors_checkpoint_loads_and_evaluates(script, tmp_path, tiny, capsys):
+    path = tmp_path / "model_best.pth.tar"
+    weights = authors_checkpoint(script, path)
+    net = run_main(script, ["--resume", path, "--evaluate", *tiny])
+    out = capsys.readouterr().out
+    assert "(epoch 7, best Prec@1 90.100)" in out and "Test: Prec@1 " in out and " Prec@5 " in out
+    assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
+
+
+def test_bare_state_dict_evaluates(tmp_path, tiny, capsys):
+    path = tmp_path / "bare.pth"
+    net, _ = network("mnist_LeNet.py")
+    torch.save(net.state_dict(), path)
+    run_main("mnist_LeNet.py", ["--resume", path, "-e", *tiny])
+    assert "Test: Prec@1" in capsys.readouterr().out
+
+
+def test_authors_checkpoint_resumes_at_its_epoch_and_lr(tmp_path, tiny):
+    path = tmp_path / "authors.pth.tar"
+    authors_checkpoint("mnist_LeNet.py", path, prefix="")
+    # epoch 7 done, LR steps after 5 and 20: epoch 8 runs at lr × 0.2
+    run_main("mnist_LeNet.py", ["--resume", path, "--epochs", "8", "--lr-steps", "5,20", "--out-dir", tmp_path,
+                                *tiny])
+    rows = list(csv.DictReader(open(tmp_path / "log_mnist1.csv")))
+    assert [(r["epoch"], float(r["lr"])) for r in rows] == [("8", pytest.approx(0.0085 * 0.2))]
+    ckpt = torch.load(tmp_path / "checkpointT1_mnist1.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 8 and ckpt["best_prec1"] == 90.1  # a synthetic epoch does not beat the release
+
+
+# ----------------------------------------------------------------------------------------------
+# Ours
+
+def test_resume_is_exact(tmp_path, tiny):
+    """Two epochs in one run, or one epoch and a resume: the same weights, bit for bit."""
+    args = [*tiny, "--dropout", "0.2", "--lr-steps", "1"]  # dropout masks and an LR step cross the resume
+    straight = run_main("mnist_LeNet.py", [*args, "--epochs", "2", "--out-dir", tmp_path / "a"])
+    run_main("mnist_LeNet.py", [*args, "--epochs", "1", "--out-dir", tmp_path / "b"])
+    resumed = run_main("mnist_LeNet.py", [*args, "--epochs", "2", "--out-dir", tmp_path / "b",
+                                          "--resume", tmp_path / "b" / "checkpointT1_mnist1.pth.tar"])
+    for k, v in straight.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    a, b = (list(csv.DictReader(open(tmp_path / d / "log_mnist1.csv"))) for d in "ab")
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+
+
+def test_checkpoint_holds_plain_data_only(tmp_path, tiny):
+    run_main("mnist_LeNet.py", [*tiny, "--epochs", "1", "--out-dir", tmp_path])
+    ckpt = torch.load(tmp_path / "checkpointT1_mnist1.pth.tar", map_location="cpu", weights_only=True)
+    assert list(ckpt["state_dict"]) == [f"{k}.weight" for k in NETWORKS["mnist_LeNet.py"][1]]  # no module.
+    assert ckpt["arch"] == "LeNet" and ckpt["args"]["lr_steps"] == [75] and ckpt["args"]["tag"] == "mnist1"
+    assert ckpt["scheduler"]["last_epoch"] == 1 and ckpt["rng_cpu"].dtype == torch.uint8
+
+
+def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpointT1_x.pth.tar")
+    utils.save_atomic({"epoch": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        utils.save_atomic({"epoch": 2}, path)
+    assert os.listdir(tmp_path) == ["checkpointT1_x.pth.tar"]
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad checkpoints: one line, exit 1, never training from scratch
+
+def test_missing_checkpoint_from_the_shell(run_script, tmp_path, tiny, clean_error):
+    p = run_script("cifar10_ResNet11.py", "--resume", tmp_path / "model_bestT1_cifar10_r11.pth.tar", "--evaluate",
+                   *tiny)
+    clean_error(p, "model_bestT1_cifar10_r11.pth.tar: no such file")
+    assert "Prec@1" not in p.out
+
+
+def test_missing_checkpoint_never_trains_from_scratch(tmp_path, tiny):
+    code, message = exit_message("mnist_LeNet.py", ["--resume", tmp_path / "nope.pth.tar", "--out-dir", tmp_path,
+                                                    *tiny])
+    assert code == 1 and "no such file" in message and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("damage", ["random bytes", "truncated", "empty"])
+def test_corrupt_checkpoint(damage, tmp_path, tiny):
+    good, bad = tmp_path / "good.pth.tar", tmp_path / "bad.pth.tar"
+    torch.save(network("mnist_LeNet.py")[0].state_dict(), good)
+    data = {"random bytes": os.urandom(4096), "truncated": good.read_bytes()[:2000], "empty": b""}[damage]
+    bad.write_bytes(data)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", bad, "-e", *tiny])
+    assert code == 1 and "corrupt, truncated, or not loadable" in message and "\n" not in message, message
+
+
+def test_checkpoint_of_another_architecture(tmp_path, tiny):
+    path = tmp_path / "lenet.pth.tar"
+    authors_checkpoint("mnist_LeNet.py", path)
+    code, message = exit_message("cifar10_VGG9.py", ["--resume", path, "-e", *tiny])
+    assert code == 1 and "not a VGG9 checkpoint" in message and "\n" not in message
+    assert "missing cnn11.weight" in message and "unexpected cnn1.weight" in message
+    assert "fc0.weight (200, 2450) vs (1024, 4096)" in message
+
+
+def test_checkpoint_without_weights(tmp_path, tiny):
+    path = tmp_path / "stats.pth"
+    torch.save({"epoch": 3, "best_prec1": 50.0}, path)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", *tiny])
+    assert code == 1 and "no state_dict" in message

@@ -1,0 +1,187 @@
+"""The four paper scripts: their networks (SPEC §3), their command line, and end-to-end runs."""
+import csv
+import importlib
+import os
+import re
+
+import pytest
+import torch
+
+import utils
+
+# script -> (network class, SPEC §3 weights in network order with their shapes, one input image)
+NETWORKS = {
+    "mnist_LeNet.py": ("LeNet", {
+        "cnn1": (20, 1, 5, 5), "cnn2": (50, 20, 5, 5), "fc0": (200, 2450), "fc1": (10, 200)}, (1, 28, 28)),
+    "cifar10_VGG9.py": ("VGG9", {
+        "cnn11": (64, 3, 3, 3), "cnn12": (64, 64, 3, 3),
+        "cnn21": (128, 64, 3, 3), "cnn22": (128, 128, 3, 3),
+        "cnn31": (256, 128, 3, 3), "cnn32": (256, 256, 3, 3), "cnn33": (256, 256, 3, 3),
+        "fc0": (1024, 4096), "fc1": (10, 1024)}, (3, 32, 32)),
+    "cifar10_ResNet11.py": ("ResNet11", {
+        "cnn11": (64, 3, 3, 3),
+        "cnn21": (128, 64, 3, 3), "cnn22": (128, 128, 3, 3), "shortcut1.0": (128, 64, 1, 1),
+        "cnn31": (256, 128, 3, 3), "cnn32": (256, 256, 3, 3), "shortcut2.0": (256, 128, 1, 1),
+        "cnn41": (512, 256, 3, 3), "cnn42": (512, 512, 3, 3), "shortcut3.0": (512, 256, 1, 1),
+        "cnn51": (512, 512, 3, 3), "cnn52": (512, 512, 3, 3),
+        "fc0": (1024, 8192), "fc1": (10, 1024)}, (3, 32, 32)),
+    "svhn_ResNet.py": ("ResNet7", {
+        "cnn11": (64, 3, 3, 3),
+        "cnn21": (128, 64, 3, 3), "cnn22": (128, 128, 3, 3), "shortcut1.0": (128, 64, 1, 1),
+        "cnn31": (256, 128, 3, 3), "cnn32": (256, 256, 3, 3), "shortcut2.0": (256, 128, 1, 1),
+        "fc0": (1024, 16384), "fc1": (10, 1024)}, (3, 32, 32)),
+}
+TAGS = {"mnist_LeNet.py": "mnist1", "cifar10_VGG9.py": "cifar10_v9", "cifar10_ResNet11.py": "cifar10_r11",
+        "svhn_ResNet.py": "svhn_r7"}
+SCRIPTS = list(NETWORKS)
+
+
+def network(script, **kw):
+    module = importlib.import_module(script[:-3])
+    return getattr(module, NETWORKS[script][0])(**kw), module
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_output_shape_and_spec_weight_names(script):
+    net, _ = network(script, time_steps=2)
+    _, weights, image = NETWORKS[script]
+    assert [(k, tuple(v.shape)) for k, v in net.state_dict().items()] == \
+        [(f"{name}.weight", shape) for name, shape in weights.items()]  # no biases, no buffers
+    assert net(torch.rand(3, *image)).shape == (3, 10)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_state_dict_round_trip(script):
+    torch.manual_seed(0)
+    a, _ = network(script, time_steps=2)
+    b, _ = network(script, time_steps=2)
+    b.load_state_dict(a.state_dict(), strict=True)
+    x = torch.rand(2, *NETWORKS[script][2])
+    torch.manual_seed(1)
+    ya = a.eval()(x)
+    torch.manual_seed(1)  # the same Poisson spikes
+    assert torch.equal(ya, b.eval()(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_lists_every_flag_with_its_default(script, capsys):
+    net, module = network(script, time_steps=2)
+    datasets = ("mnist", "fashion-mnist") if script == "mnist_LeNet.py" else None  # as the script passes them
+    with pytest.raises(SystemExit) as e:
+        utils.main(type(net), module.DEFAULTS, datasets, argv=["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("-b N, --batch-size", "--lr", "--epochs", "--start-epoch", "--wd", "--weight-decay", "--momentum",
+                 "-p N, --print-freq", "--resume", "-e, --evaluate", "-j N, --workers", "--time-steps", "--leak",
+                 "--dropout", "--data-dir", "--device", "--seed", "--out-dir", "--limit-train", "--limit-val",
+                 "--no-progress", "--test-batch-size", "--lr-steps", "--time-chunk", "--amp", "--synthetic",
+                 "--dead-patience", "--stop-on-dead"):
+        assert flag in out, flag
+    assert ("--dataset" in out) == (datasets is not None)
+    assert "never passed it to SGD" in out and module.__doc__.splitlines()[0] in out
+    assert f"(default: {module.DEFAULTS['lr']})" in out
+    assert f"(default: {','.join(map(str, module.DEFAULTS['lr_steps']))})" in out
+
+
+def test_parser_uses_the_scripts_defaults():
+    import cifar10_VGG9
+    args = utils.get_parser("", cifar10_VGG9.DEFAULTS).parse_args(["--lr-steps", "3,5", "-b", "4"])
+    assert (args.lr, args.lr_steps, args.batch_size, args.test_batch_size) == (0.0033, (3, 5), 4, 8)
+    assert (args.momentum, args.weight_decay, args.dropout, args.tag) == (0.0, 5e-4, 0.2, "cifar10_v9")
+
+
+@pytest.mark.parametrize("flag,value,phrase", [
+    ("--time-steps", "0", "--time-steps"), ("--time-steps", "-3", "--time-steps"), ("--leak", "1.5", "--leak"),
+    ("--leak", "0", "--leak"), ("--batch-size", "0", "--batch-size"), ("--dropout", "1.0", "--dropout"),
+    ("--dropout", "-0.1", "--dropout"), ("--time-steps", "ten", "must be an integer ≥ 1")])
+def test_bad_settings_are_rejected_in_one_line(flag, value, phrase, capsys):
+    import mnist_LeNet
+    with pytest.raises(SystemExit) as e:
+        utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=[flag, value, "--synthetic"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and phrase in err, err
+
+
+def test_bad_setting_from_the_shell_has_no_traceback(run_script, clean_error):
+    clean_error(run_script("cifar10_VGG9.py", "--leak", "1.5"), "--leak: must lie in (0, 1]", code=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+def test_absent_dataset_offline_says_how_to_get_it(run_script, offline, tmp_path, clean_error):
+    p = run_script("svhn_ResNet.py", "--evaluate", "--data-dir", tmp_path, "--device", "cpu", env=offline)
+    clean_error(p, "svhn is not in", "could not be downloaded", "internet")
+
+
+def test_absent_fashion_mnist_names_the_debian_package(monkeypatch, offline, tmp_path):
+    import mnist_LeNet
+    for k, v in offline.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(utils, "DEBIAN_FASHION_MNIST", str(tmp_path / "not-installed"))
+    with pytest.raises(SystemExit) as e:
+        utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, ("mnist", "fashion-mnist"),
+                   argv=["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "-e", "--device", "cpu"])
+    assert "apt-get install -y dataset-fashion-mnist" in str(e.value)
+
+
+def test_fashion_mnist_is_found_in_the_debian_package(tmp_path, capsys):
+    if not os.path.isdir(utils.DEBIAN_FASHION_MNIST):
+        if os.environ.get("CI"):
+            pytest.fail("Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist")
+        pytest.skip("Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
+    import mnist_LeNet
+    args = utils.get_parser("", {**mnist_LeNet.DEFAULTS, "dataset": "fashion-mnist"}).parse_args(
+        ["--data-dir", str(tmp_path), "--limit-val", "5"])
+    args.rank = 0
+    data = utils.get_dataset(args, train=False)
+    assert "=> decompressed Fashion-MNIST" in capsys.readouterr().out
+    assert len(data) == 5 and len(data.dataset) == 10000
+    assert sorted(os.listdir(tmp_path / "FashionMNIST" / "raw")) == [
+        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+
+
+def test_synthetic_data_is_deterministic_and_shaped_like_the_dataset():
+    import mnist_LeNet
+    for name, shape in (("mnist", (1, 28, 28)), ("cifar10", (3, 32, 32)), ("svhn", (3, 32, 32))):
+        args = utils.get_parser("", {**mnist_LeNet.DEFAULTS, "dataset": name}).parse_args(["--synthetic",
+                                                                                           "--limit-val", "4"])
+        a, b = utils.get_dataset(args, train=False), utils.get_dataset(args, train=False)
+        assert len(a) == 4 and a[0][0].shape == shape and torch.equal(a[3][0], b[3][0]) and 0 <= a[3][1] < 10
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: train one epoch, resume to a second, evaluate the best
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_train_resume_evaluate(script, run_script, tiny, tmp_path):
+    tag = TAGS[script]
+    last, best = tmp_path / f"checkpointT1_{tag}.pth.tar", tmp_path / f"model_bestT1_{tag}.pth.tar"
+    p = run_script(script, *tiny, "--epochs", "1", "--out-dir", tmp_path)
+    assert p.returncode == 0, p.out
+    assert re.search(r"=> epoch 1/1 .*train Prec@1 [\d.]+ Prec@5 [\d.]+ Loss [\d.]+ \| Test: Prec@1 [\d.]+ "
+                     r"Prec@5 [\d.]+ Loss [\d.]+ \| rates cnn", p.stdout), p.out
+    assert last.exists() and best.exists()
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["arch"] == NETWORKS[script][0] and ckpt["args"]["time_steps"] == 2
+    assert {"state_dict", "best_prec1", "optimizer", "scheduler", "rng_cpu"} <= ckpt.keys()
+
+    p = run_script(script, *tiny, "--epochs", "2", "--out-dir", tmp_path, "--resume", last)
+    assert p.returncode == 0 and "=> epoch 2/2" in p.stdout and "=> epoch 1/" not in p.stdout, p.out
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 2
+    rows = list(csv.DictReader(open(tmp_path / f"log_{tag}.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert list(rows[0])[:3] == ["epoch", "lr", "train_loss"] and "test_prec5" in rows[0] and "seconds" in rows[0]
+    assert any(k.startswith("rate_") for k in rows[0])
+
+    p = run_script(script, *tiny, "--resume", best, "--evaluate")
+    assert p.returncode == 0, p.out
+    assert re.search(r"^Test: Prec@1 \d+\.\d{3} Prec@5 \d+\.\d{3} Loss \d+\.\d{4}$", p.stdout, re.M), p.out
+    assert "=> epoch" not in p.stdout

@@ -1,0 +1,55 @@
+"""torchrun: two CPU processes (gloo on loopback) train one epoch like one process would."""
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# the script's own main(), plus one line the script does not have: each rank saves the weights it holds
+WORKER = """
+import os, sys
+import torch
+sys.path.insert(0, {root!r})
+import mnist_LeNet, utils
+net = utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, ("mnist", "fashion-mnist"), argv=sys.argv[1:])
+torch.save(net.state_dict(), os.path.join({weights!r}, "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_alike_and_save_one_resumable_checkpoint(tmp_path, tiny, run_script):
+    out, weights = tmp_path / "out", tmp_path / "weights"
+    weights.mkdir()
+    worker = tmp_path / "worker.py"
+    worker.write_text(WORKER.format(root=ROOT, weights=str(weights)))
+    flags = [*tiny, "--limit-train", "64", "--epochs", "1", "--out-dir", str(out)]  # 2 mini-batches per rank
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(free_port()), str(worker), *flags],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log
+    assert log.count("=> world size: 2") == 1 and log.count("=> epoch 1/1") == 1, log  # rank 0 speaks alone
+
+    rank0, rank1 = (torch.load(weights / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert sorted(os.listdir(out)) == ["checkpointT1_mnist1.pth.tar", "log_mnist1.csv",
+                                       "model_bestT1_mnist1.pth.tar"]  # rank 0 alone writes
+    ckpt = torch.load(out / "checkpointT1_mnist1.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["args"]["world_size"] == 2
+    assert all(torch.equal(v, rank0[k]) for k, v in ckpt["state_dict"].items())  # no module. prefix
+    trained = ckpt["state_dict"]["fc1.weight"]
+
+    p = run_script("mnist_LeNet.py", *flags[:-4], "--epochs", "2", "--out-dir", out,
+                   "--resume", out / "checkpointT1_mnist1.pth.tar")
+    assert p.returncode == 0 and "=> world size: 1" in p.stdout, p.out
+    ckpt = torch.load(out / "checkpointT1_mnist1.pth.tar", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2 and not torch.equal(ckpt["state_dict"]["fc1.weight"], trained)

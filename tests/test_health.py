@@ -1,0 +1,106 @@
+"""Training health: a silent or saturated layer is reported once, early, with what to do about it."""
+import csv
+import os
+import types
+
+import pytest
+import torch
+
+import utils
+
+LENET = (("cnn1.weight", (20, 1, 5, 5)), ("cnn2.weight", (50, 20, 5, 5)), ("fc0.weight", (200, 2450)),
+         ("fc1.weight", (10, 200)))
+
+
+def monitor(patience=3, stop=False):
+    return utils.HealthMonitor(types.SimpleNamespace(dead_patience=patience, stop_on_dead=stop, rank=0))
+
+
+def warnings(capsys):
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING:")]
+
+
+# ----------------------------------------------------------------------------------------------
+# The monitor
+
+def test_warns_once_after_patience_consecutive_silent_batches(capsys):
+    m = monitor(patience=3)
+    for batch, rate in enumerate([0.0, 0.0, 0.1, 0.0, 0.0], 1):  # a spike resets the count
+        m.check({"cnn1": 0.2, "fc0": rate, "output": 0.5}, epoch=0, batch=batch)
+    assert warnings(capsys) == []
+    for batch in range(6, 20):
+        m.check({"cnn1": 0.2, "fc0": 0.0, "output": 0.5}, epoch=0, batch=batch)
+    (line,) = warnings(capsys)
+    assert "layer fc0" in line and "silent" in line and "rate 0.000" in line and "batch 6" in line
+    assert "--time-steps" in line and "learning rate" in line and "init scale" in line
+
+
+def test_a_saturated_layer_and_a_silent_output_are_named(capsys):
+    m = monitor(patience=2)
+    for batch in (1, 2):
+        m.check({"cnn1": 1.0, "fc0": 0.3, "output": 0.0}, epoch=1, batch=batch)
+    (line,) = warnings(capsys)
+    assert "layer cnn1" in line and "saturated" in line and "rate 1.000" in line and "epoch 2" in line
+    assert "output" in line and "lower learning rate" in line
+
+
+def test_each_layer_is_reported_once_per_run(capsys):
+    m = monitor(patience=1)
+    m.check({"cnn1": 0.0, "fc0": 0.1, "output": 0.5}, epoch=0, batch=1)
+    m.check({"cnn1": 0.0, "fc0": 0.0, "output": 0.5}, epoch=0, batch=2)
+    m.check({"cnn1": 0.0, "fc0": 0.0, "output": 0.5}, epoch=1, batch=1)
+    lines = warnings(capsys)
+    assert len(lines) == 2 and "layer cnn1" in lines[0] and "layer fc0" in lines[1]
+
+
+def test_stop_on_dead_raises_one_line(capsys):
+    m = monitor(patience=1, stop=True)
+    with pytest.raises(SystemExit) as e:
+        m.check({"cnn1": 0.0, "output": 0.0}, epoch=0, batch=1)
+    assert "layer cnn1" in str(e.value) and "--stop-on-dead" in str(e.value) and "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end
+
+@pytest.fixture
+def silent_lenet(tmp_path):
+    """LeNet with all weights negative: no input (ToTensor, ≥ 0) can make cnn1 fire."""
+    path = tmp_path / "silent.pth.tar"
+    torch.manual_seed(0)
+    torch.save({"epoch": 0, "arch": "LeNet", "best_prec1": 0.0,
+                "state_dict": {k: -torch.rand(shape) for k, shape in LENET}}, path)
+    return path
+
+
+def test_silent_network_warns_in_its_first_epoch(silent_lenet, run_script, tiny, tmp_path):
+    p = run_script("mnist_LeNet.py", "--resume", silent_lenet, *tiny, "--limit-train", "192",  # 12 batches
+                   "--epochs", "1", "--out-dir", tmp_path)
+    assert p.returncode == 0, p.out
+    (line,) = [s for s in p.stderr.splitlines() if s.startswith("WARNING:")]
+    assert "layer cnn1" in line and "batch 10" in line and "output" in line and "--time-steps" in line
+    assert p.stdout.index("=> epoch 1/1") > 0 and "Loss 1.0000" in p.stdout  # Σ(0 - onehot)² = 1 per image
+    row, = csv.DictReader(open(tmp_path / "log_mnist1.csv"))
+    assert float(row["rate_cnn1"]) == 0.0 and float(row["train_loss"]) == 1.0
+
+
+def test_stop_on_dead_exits_with_one_line(silent_lenet, run_script, tiny, tmp_path, clean_error):
+    p = run_script("mnist_LeNet.py", "--resume", silent_lenet, *tiny, "--limit-train", "192", "--epochs", "5",
+                   "--stop-on-dead", "--out-dir", tmp_path)
+    clean_error(p, "layer cnn1 has been silent", "--stop-on-dead")
+    assert "=> epoch 1/5" not in p.stdout  # it stopped within the epoch
+
+
+def test_healthy_run_on_fashion_mnist_prints_no_warning(run_script, tmp_path):
+    if not os.path.isdir(utils.DEBIAN_FASHION_MNIST):
+        if os.environ.get("CI"):
+            pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    # the paper's LeNet settings; at T = 16 every layer fires from the first batch (at T ≤ 8 fc0 starts silent)
+    p = run_script("mnist_LeNet.py", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "data",
+                   "--time-steps", "16", "--limit-train", "384", "-b", "32", "--limit-val", "64", "--epochs", "1",
+                   "--dead-patience", "4", "-j", "0", "--device", "cpu", "--no-progress", "--out-dir", tmp_path)
+    assert p.returncode == 0, p.out
+    assert "WARNING" not in p.out, p.out
+    row, = csv.DictReader(open(tmp_path / "log_mnist1.csv"))
+    assert all(float(row[f"rate_{k}"]) > 0 for k in ("cnn1", "pool1", "cnn2", "pool2", "fc0"))

@@ -185,3 +185,10 @@ def test_train_resume_evaluate(script, run_script, tiny, tmp_path):
     assert p.returncode == 0, p.out
     assert re.search(r"^Test: Prec@1 \d+\.\d{3} Prec@5 \d+\.\d{3} Loss \d+\.\d{4}$", p.stdout, re.M), p.out
     assert "=> epoch" not in p.stdout
+
+
+def test_amp_and_time_chunk(tiny, tmp_path):
+    import mnist_LeNet
+    net = utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS,
+                     argv=[*tiny, "--amp", "--time-chunk", "1", "--epochs", "1", "--out-dir", str(tmp_path)])
+    assert net.time_chunk == 1 and (tmp_path / "checkpointT1_mnist1.pth.tar").exists()

@@ -110,7 +110,7 @@ def setup(args):
     """Join torchrun's process group if there is one, pick the device, seed."""
     args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     args.distributed = args.world_size > 1
-    cuda = args.device == "cuda" or args.device == "auto" and torch.cuda.is_available()
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but no CUDA device is available")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")

@@ -47,11 +47,124 @@ def poisson_encode(x, time_steps, scale=1.0, generator=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Compiled CPU loops. The neuron recursion, 2×2 pooling and spike packing run on a CPU as small
+# numba loops: one pass over a chunk instead of several tensor operations per time step (a LIF
+# layer ran ~10× faster that way on our 2-core machine, see benchmarks/). On a GPU, or without
+# numba, the same arithmetic runs as tensor operations; tests check that both agree exactly.
+
+import concurrent.futures
+import functools
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - numba is in requirements.txt
+    numba = None
+CPU_KERNELS = numba is not None  # tests switch it off to check the tensor path GPUs use
+
+
+def _cpu_kernel(fn):
+    # nogil: the loops of one call run on several threads at once, each over its own range
+    return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
+
+
+# unsigned loop indices: numba then skips the negative-index check and vectorizes (4× here)
+U64 = numba.uint64 if numba is not None else int
+BLOCK = 2048  # neurons per block: their state stays in L1 over a chunk's steps (2.5× here)
+
+
+def _use_cpu_kernels(t):
+    return CPU_KERNELS and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
+
+
+def _split(kernel, n, *args):
+    """kernel(lo, hi, *args) over [0, n), split across torch's CPU threads (the loops are
+    elementwise along n)."""
+    parts = max(1, min(torch.get_num_threads(), n // 32768))
+    if parts == 1:
+        return [kernel(0, n, *args)]
+    edges = [n * i // parts // 64 * 64 for i in range(parts)] + [n]
+    futures = [_helper_threads(parts - 1).submit(kernel, edges[i], edges[i + 1], *args) for i in range(1, parts)]
+    return [kernel(edges[0], edges[1], *args)] + [f.result() for f in futures]
+
+
+@functools.lru_cache(maxsize=None)
+def _helper_threads(workers):
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="spiking")
+
+
+@_cpu_kernel
+def _fire_cpu(lo, hi, current, u, fired, out, lf, n, v_th, leak, leaky_sum):
+    """Steps 2–5 for k steps of neurons lo..hi, plus N ← N + o_t and LF ← λ·LF + o_t."""
+    for b in range(lo, hi, BLOCK):  # a block's membranes stay in cache over the k steps
+        for t in range(current.shape[0]):
+            for i in range(U64(b), U64(min(b + BLOCK, hi))):
+                v = u[i] + current[t, i]             # step 2: integrate
+                o = v > v_th                         # step 3: fire, strictly above threshold
+                fired[t, i] = o
+                out[t, i] = o
+                u[i] = (0.0 if o else v) * leak      # steps 4–5: hard reset, leak
+                n[i] += o
+                if leaky_sum:
+                    lf[i] = lf[i] * leak + o
+
+
+@_cpu_kernel
+def _backprop_cpu(lo, hi, grad_spikes, fired, slope, carry, grad_current):
+    """gU'_t = slope · o_t · g_t + (1 − o_t) · gU'_{t+1}, backwards over k steps."""
+    for b in range(lo, hi, BLOCK):
+        for t in range(grad_spikes.shape[0] - 1, -1, -1):
+            for i in range(U64(b), U64(min(b + BLOCK, hi))):
+                c = grad_spikes[t, i] * slope[i] if fired[t, i] else carry[i]
+                grad_current[t, i] = c
+                carry[i] = c
+
+
+@_cpu_kernel
+def _pool_cpu(lo, hi, x, out):
+    """out = 2×2 average of x, (M, H, W) -> (M, H/2, W/2), for maps lo..hi."""
+    for m in range(U64(lo), U64(hi)):
+        for h in range(out.shape[1]):
+            for w in range(out.shape[2]):
+                out[m, h, w] = (x[m, 2 * h, 2 * w] + x[m, 2 * h, 2 * w + 1]
+                                + x[m, 2 * h + 1, 2 * w] + x[m, 2 * h + 1, 2 * w + 1]) * 0.25
+
+
+@_cpu_kernel
+def _unpool_cpu(lo, hi, g, out):
+    """The gradient of 2×2 average pooling: each input gets 1/4 of its output's gradient."""
+    for m in range(U64(lo), U64(hi)):
+        for h in range(g.shape[1]):
+            for w in range(g.shape[2]):
+                q = g[m, h, w] * 0.25
+                out[m, 2 * h, 2 * w] = q
+                out[m, 2 * h, 2 * w + 1] = q
+                out[m, 2 * h + 1, 2 * w] = q
+                out[m, 2 * h + 1, 2 * w + 1] = q
+
+
+@_cpu_kernel
+def _pack_cpu(lo, hi, x, q):
+    """q = sign(x) as int8; returns the largest and the smallest nonzero |x|."""
+    largest, smallest = 0.0, math.inf
+    for i in range(U64(lo), U64(hi)):
+        a = abs(x[i])
+        largest = max(largest, a)
+        smallest = min(smallest, a if a != 0 else math.inf)
+        q[i] = (x[i] > 0) - (x[i] < 0)
+    return largest, smallest
+
+
+# ----------------------------------------------------------------------------------------------
 # Synapses: a per-image layer applied to a (k, B, ...) spike chunk by folding time into the batch
 
 def _pack(spike_seq):
     """Spike chunks hold only 0 and ±s (s = 1, or the dropout scale 1/(1-p)): keep them in one
     byte plus the scalar s. Anything else (graded event data) is kept as it is, exactly."""
+    if _use_cpu_kernels(spike_seq):
+        q = torch.empty(spike_seq.shape, dtype=torch.int8)
+        parts = _split(_pack_cpu, q.numel(), spike_seq.contiguous().view(-1).numpy(), q.view(-1).numpy())
+        largest, smallest = max(p[0] for p in parts), min(p[1] for p in parts)
+        return (q, spike_seq.new_tensor(largest)) if largest in (0.0, smallest) else (spike_seq, None)
     s = spike_seq.abs().amax()
     q = torch.sign(spike_seq).to(torch.int8)
     if torch.equal(q * s, spike_seq):
@@ -139,9 +252,9 @@ class _AvgPool2x2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spike_seq):
         x = spike_seq.flatten(0, -3)                                    # (k·B·C, H, W)
-        if CPU_KERNELS and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        if _use_cpu_kernels(x):
             out = x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2] // 2)
-            _pool_cpu(x.contiguous().numpy(), out.numpy())
+            _split(_pool_cpu, x.shape[0], x.contiguous().numpy(), out.numpy())
         else:
             out = F.avg_pool2d(x, 2)
         return out.view(*spike_seq.shape[:-2], *out.shape[-2:])
@@ -149,79 +262,16 @@ class _AvgPool2x2(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         g = grad.flatten(0, -3)
-        if CPU_KERNELS and g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64):
+        if _use_cpu_kernels(g):
             out = g.new_empty(g.shape[0], 2 * g.shape[1], 2 * g.shape[2])
-            _unpool_cpu(g.contiguous().numpy(), out.numpy())
+            _split(_unpool_cpu, g.shape[0], g.contiguous().numpy(), out.numpy())
         else:
             out = (g * 0.25).repeat_interleave(2, -1).repeat_interleave(2, -2)
         return out.view(*grad.shape[:-2], *out.shape[-2:])
 
 
 # ----------------------------------------------------------------------------------------------
-# The neuron recursion. On a CPU it runs as two small compiled loops (numba): one pass over the
-# chunk instead of ~5 tensor operations per time step, which made a LIF layer ~10× faster here.
-# On a GPU (and on a CPU without numba) the same recursion runs as tensor operations per step.
-
-try:
-    import numba
-except ImportError:  # pragma: no cover - numba is in requirements.txt
-    numba = None
-CPU_KERNELS = numba is not None  # tests switch it off to check the tensor path GPUs use
-
-
-def _cpu_kernel(fn):
-    return numba.njit(cache=True)(fn) if numba is not None else fn
-
-
-@_cpu_kernel
-def _fire_cpu(current, u, fired, out, lf, n, v_th, leak, leaky_sum):
-    """Steps 2–5 for k steps × N neurons, plus N ← N + o_t and LF ← λ·LF + o_t."""
-    k, N = current.shape
-    for t in range(k):
-        for i in range(N):
-            v = u[i] + current[t, i]             # step 2: integrate
-            o = v > v_th                         # step 3: fire, strictly above threshold
-            fired[t, i] = o
-            out[t, i] = o
-            u[i] = (0.0 if o else v) * leak      # steps 4–5: hard reset, leak
-            n[i] += o
-            if leaky_sum:
-                lf[i] = lf[i] * leak + o
-
-
-@_cpu_kernel
-def _backprop_cpu(grad_spikes, fired, scale, carry, grad_current):
-    """gU'_t = scale · o_t · g_t + (1 − o_t) · gU'_{t+1}, backwards over k steps."""
-    k, N = grad_spikes.shape
-    for t in range(k - 1, -1, -1):
-        for i in range(N):
-            if fired[t, i]:
-                carry[i] = grad_spikes[t, i] * scale[i]
-            grad_current[t, i] = carry[i]
-
-
-@_cpu_kernel
-def _pool_cpu(x, out):
-    """out = 2×2 average of x, (M, H, W) -> (M, H/2, W/2)."""
-    for m in range(out.shape[0]):
-        for h in range(out.shape[1]):
-            for w in range(out.shape[2]):
-                out[m, h, w] = (x[m, 2 * h, 2 * w] + x[m, 2 * h, 2 * w + 1]
-                                + x[m, 2 * h + 1, 2 * w] + x[m, 2 * h + 1, 2 * w + 1]) * 0.25
-
-
-@_cpu_kernel
-def _unpool_cpu(g, out):
-    """The gradient of 2×2 average pooling: each input gets 1/4 of its output's gradient."""
-    for m in range(g.shape[0]):
-        for h in range(g.shape[1]):
-            for w in range(g.shape[2]):
-                q = g[m, h, w] * 0.25
-                out[m, 2 * h, 2 * w] = q
-                out[m, 2 * h, 2 * w + 1] = q
-                out[m, 2 * h + 1, 2 * w] = q
-                out[m, 2 * h + 1, 2 * w + 1] = q
-
+# Neurons
 
 def _fire(current_seq, u, window, v_th, leak, leaky_sum):
     """Steps 2–5 over a chunk (k, B, ...). Returns the spikes as bool (kept for backward) and as
@@ -230,10 +280,10 @@ def _fire(current_seq, u, window, v_th, leak, leaky_sum):
     current = current_seq.reshape(k, -1).to(u.dtype)  # bf16 currents: fp32 membrane arithmetic
     u = u.reshape(-1).clone()
     fired = torch.empty(current.shape, dtype=torch.bool, device=u.device)
-    if CPU_KERNELS and u.device.type == "cpu":
+    if _use_cpu_kernels(u):
         out = torch.empty(current.shape, dtype=u.dtype)
-        _fire_cpu(current.contiguous().numpy(), u.numpy(), fired.numpy(), out.numpy(),
-                  window.lf.view(-1).numpy(), window.n.view(-1).numpy(), v_th, leak, leaky_sum)
+        _split(_fire_cpu, u.numel(), current.contiguous().numpy(), u.numpy(), fired.numpy(), out.numpy(),
+               window.lf.view(-1).numpy(), window.n.view(-1).numpy(), v_th, leak, leaky_sum)
     else:
         for t in range(k):
             u += current[t]                      # step 2: integrate
@@ -248,18 +298,18 @@ def _fire(current_seq, u, window, v_th, leak, leaky_sum):
     return fired.view(shape), out.view(shape).to(current_seq.dtype), u.view(shape[1:])
 
 
-def _backprop(grad_spikes, fired, scale, grad_u):
+def _backprop(grad_spikes, fired, slope, grad_u):
     """The backward recursion over a chunk; returns ∂L/∂I (k, B, ...) and gU' at its first step."""
     k, shape = fired.shape[0], fired.shape
-    g = grad_spikes.reshape(k, -1).to(scale.dtype)
-    carry = torch.zeros_like(scale) if grad_u is None else grad_u.reshape(-1).to(scale.dtype).clone()
-    grad_current = torch.empty(g.shape, dtype=scale.dtype, device=g.device)
+    g = grad_spikes.reshape(k, -1).to(slope.dtype)
+    carry = torch.zeros_like(slope) if grad_u is None else grad_u.reshape(-1).to(slope.dtype).clone()
+    grad_current = torch.empty(g.shape, dtype=slope.dtype, device=g.device)
     fired = fired.view(k, -1)
-    if CPU_KERNELS and g.device.type == "cpu":
-        _backprop_cpu(g.contiguous().numpy(), fired.numpy(), scale.numpy(), carry.numpy(),
-                      grad_current.numpy())
+    if _use_cpu_kernels(g):
+        _split(_backprop_cpu, carry.numel(), g.contiguous().numpy(), fired.numpy(), slope.numpy(),
+               carry.numpy(), grad_current.numpy())
     else:
-        g = g * scale
+        g = g * slope
         for t in range(k - 1, -1, -1):
             carry = torch.where(fired[t], g[t], carry, out=grad_current[t])
     return grad_current.view(shape), carry.view(shape[1:])
@@ -273,19 +323,27 @@ def leak_correction(lf, n, leak):
 
 class _Window:
     """Per-neuron statistics of one forward pass over the T-step window: the spike count N and
-    the leaky spike sum LF, from which backward computes the leak correction G."""
+    the leaky spike sum LF, from which backward derives ∂o_t/∂U'_t at firing steps."""
 
     def __init__(self):
-        self.lf = self.n = self._G = None
+        self.lf = self.n = self._slope = None
         self.steps = 0
 
     def start(self, like):
         self.lf, self.n = torch.zeros_like(like), torch.zeros_like(like)
 
+    def slope(self, leak, v_th, leak_corrected):
+        """G / V_th for LIF layers, 1 for pooling neurons; flat (N,). Complete only after the
+        last chunk, so backward computes it (once per window)."""
+        if self._slope is None:
+            if leak_corrected:
+                self._slope = (leak_correction(self.lf, self.n, leak) / v_th).view(-1)
+            else:
+                self._slope = torch.ones_like(self.n).view(-1)
+        return self._slope
+
     def G(self, leak):
-        if self._G is None:  # complete only after the last chunk: computed in backward
-            self._G = leak_correction(self.lf, self.n, leak)
-        return self._G
+        return leak_correction(self.lf, self.n, leak)
 
 
 class _Neuron(torch.autograd.Function):
@@ -302,14 +360,11 @@ class _Neuron(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes, grad_u):
         fired, = ctx.saved_tensors
-        window = ctx.window
-        if ctx.leak_corrected:  # ∂o_t/∂U'_t = (G / V_th) · 1[o_t = 1]
-            scale = (window.G(ctx.leak) / ctx.v_th).reshape(-1)
-        else:                   # pooling neurons: plain straight-through
-            scale = torch.ones_like(window.n).reshape(-1)
-        # A silent step passes gU'_{t+1} on unchanged: the leak is identity in backward (the
-        # paper's choice, not a bug), and a firing step's reset blocks the later steps' path.
-        grad_current, grad_u = _backprop(grad_spikes, fired, scale, grad_u)
+        # ∂o_t/∂U'_t = (G / V_th) · 1[o_t = 1]. A silent step passes gU'_{t+1} on unchanged: the
+        # leak is identity in backward (the paper's choice, not a bug); a firing step's reset
+        # blocks the path from later steps.
+        slope = ctx.window.slope(ctx.leak, ctx.v_th, ctx.leak_corrected)
+        grad_current, grad_u = _backprop(grad_spikes, fired, slope, grad_u)
         return grad_current, grad_u, None, None, None, None
 
 

@@ -239,3 +239,34 @@ def test_synapse_gradcheck():
         for x in (torch.randn(shape, dtype=torch.float64), signed_spikes(shape) * 1.25):
             x.requires_grad_()
             assert torch.autograd.gradcheck(lambda x, w: sl._Synapse.apply(x, w, layer), (x, layer.weight))
+
+
+def test_amp_drift_from_float32_is_bounded():
+    """--amp (bf16 autocast) changes the numerics: currents carry ~3 significant digits, so
+    spikes near threshold flip. Five SGD steps of LeNet from the same weights and spikes must
+    stay close to float32: loss within 10 % at every step, and each layer's weights within 60 %
+    of the float32 update's size (measured here: ≤ 4 % and ≤ 41 %)."""
+    import copy
+
+    from mnist_LeNet import LeNet
+    torch.manual_seed(0)
+    fp32 = LeNet(time_steps=16)
+    start, amp = copy.deepcopy(fp32), copy.deepcopy(fp32)
+    x = fp32.encode(torch.rand(32, 1, 28, 28))
+    target = torch.nn.functional.one_hot(torch.arange(32) % 10, 10).float()
+    losses = {}
+    for net, bf16 in ((fp32, False), (amp, True)):
+        opt = torch.optim.SGD(net.parameters(), lr=0.001)
+        losses[bf16] = []
+        for _ in range(5):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = (net(x) - target).pow(2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[bf16].append(loss.item())
+    assert losses[False][-1] < losses[False][0] - 3, "float32 did not learn: the comparison would be vacuous"
+    for l32, l16 in zip(losses[False], losses[True]):
+        assert abs(l16 - l32) < 0.1 * l32
+    for (name, p32), p16, p0 in zip(fp32.named_parameters(), amp.parameters(), start.parameters()):
+        assert (p16 - p32).norm() < 0.6 * (p32 - p0).norm(), name

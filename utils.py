@@ -1,14 +1,17 @@
-"""The loop shared by the four paper scripts: CLI, setup, data, train/validate, checkpoints, logs.
+"""The loop shared by the four paper scripts: CLI, setup, data, train/validate, checkpoints, logs, stats.
 
 Each script calls `main(Model, DEFAULTS, datasets)`. The sections follow the order of a run.
 
     python mnist_LeNet.py --dataset fashion-mnist                      one process, CPU or GPU
     torchrun --nproc_per_node=4 cifar10_VGG9.py                        DDP: --batch-size is per process
     python cifar10_ResNet11.py --resume model_bestT1_cifar10_r11.pth.tar --evaluate
+    python mnist_LeNet.py --resume model_bestT1_mnist1.pth.tar --evaluate --stats --time-sweep 10,20,50,100
 """
 import argparse
+import contextlib
 import csv
 import gzip
+import json
 import math
 import os
 import shutil
@@ -18,7 +21,9 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
+from matplotlib.figure import Figure  # no pyplot: no global backend state, renders headless (Agg) into PNG
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
@@ -55,6 +60,8 @@ def _checked(kind, ok, rule):
 
 COUNT = _checked(int, lambda n: n >= 1, "must be an integer ≥ 1")
 EPOCHS = _checked(lambda s: tuple(int(e) for e in s.split(",") if e.strip()), lambda t: True, "must be like 70,100")
+STEPS = _checked(lambda s: tuple(sorted({int(e) for e in s.split(",") if e.strip()})), lambda t: t and t[0] >= 1,
+                 "must be step counts ≥ 1, like 10,20,50,100")
 
 
 def get_parser(description, defaults, datasets=None):
@@ -98,6 +105,12 @@ def get_parser(description, defaults, datasets=None):
     a("--dead-patience", type=COUNT, default=10, metavar="N", help="warn once a layer has been silent or "
       "saturated for N consecutive mini-batches")
     a("--stop-on-dead", action="store_true", help="exit with an error instead of that warning")
+    a("--stats", action="store_true", help="with --evaluate: count spikes, synaptic operations and energy in "
+      "the same evaluation pass; print a table, write stats.json and PNG plots to --out-dir. Under torchrun "
+      "the counts of all ranks are summed")
+    a("--time-sweep", type=STEPS, metavar="T1,T2", help="with --evaluate: Prec@1 read out after each of these "
+      "numbers of time steps, in the same pass (table, stats.json, plot); a step beyond --time-steps raises "
+      "--time-steps to it")
     # lr_steps as typed on the command line: --help shows "70,100,125" and argparse parses it
     p.set_defaults(**{**defaults, "lr_steps": ",".join(map(str, defaults["lr_steps"]))})
     return p
@@ -215,9 +228,14 @@ def sse_loss(output, target):
     return (output - F.one_hot(target, output.shape[1]).to(output.dtype)).pow(2).sum()
 
 
+def top5_hits(output, target):
+    """(..., B, 5) bool: whether each of the 5 highest outputs (fewer if fewer classes) is the target."""
+    return output.topk(min(5, output.shape[-1]), dim=-1).indices == target[:, None]
+
+
 def batch_metrics(output, target):
     """Sums over the batch; Meter turns them into means per example."""
-    hits = output.topk(5, dim=1).indices == target[:, None]
+    hits = top5_hits(output, target)
     return dict(loss=sse_loss(output, target).item(), ce=F.cross_entropy(output, target, reduction="sum").item(),
                 prec1=100.0 * hits[:, 0].sum().item(), prec5=100.0 * hits.any(1).sum().item())
 
@@ -252,15 +270,25 @@ def train_one_epoch(model, net, loader, optimizer, monitor, epoch, args, device)
 
 
 @torch.no_grad()
-def validate(net, loader, args, device):
-    """Test metrics over all processes, each of which evaluates its own share of the test set."""
+def validate(net, loader, args, device, time_sweep=()):
+    """Test metrics over all processes, each of which evaluates its own share of the test set.
+
+    time_sweep: sorted step counts; adds `prec1_at_<t>`, the Prec@1 of the readout after t steps of the
+    same spike trains (the latency/accuracy trade-off)."""
+    if time_sweep and not 1 <= time_sweep[0] <= time_sweep[-1] <= net.time_steps:
+        raise ValueError(f"time-sweep steps must lie in 1..{net.time_steps} (the time steps), got {time_sweep}")
     net.eval()
-    meter = Meter()
+    meter = Meter(*(f"prec1_at_{t}" for t in time_sweep))
     for images, target in tqdm(loader, desc="test", leave=False, disable=not show_progress(args)):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-            output = net(images).float()
-        meter.update(len(target), **batch_metrics(output, target))
+            output = net(images, readout_steps=tuple(time_sweep)).float()
+        sweep = {}
+        if time_sweep:  # (len(time_sweep) + 1, B, classes), the full window last
+            readouts, output = output[:-1], output[-1]
+            sweep = {f"prec1_at_{t}": 100.0 * hits[:, 0].sum().item()
+                     for t, hits in zip(time_sweep, top5_hits(readouts, target))}
+        meter.update(len(target), **batch_metrics(output, target), **sweep)
     return meter.mean(args, device)
 
 
@@ -362,8 +390,8 @@ def _first_line(e):
 class Meter:
     """Sums of per-batch metrics and the number of examples; the means are per example."""
 
-    def __init__(self):  # the fixed keys exist even on a rank that saw no batch, for all_reduce
-        self.count, self.sums = 0, dict.fromkeys(("loss", "ce", "prec1", "prec5"), 0.0)
+    def __init__(self, *keys):  # the fixed keys exist even on a rank that saw no batch, for all_reduce
+        self.count, self.sums = 0, dict.fromkeys(("loss", "ce", "prec1", "prec5", *keys), 0.0)
 
     def update(self, n, **sums):
         self.count += n
@@ -441,11 +469,254 @@ class HealthMonitor:
 
 
 # ----------------------------------------------------------------------------------------------
+# Sparse computation: spike rates, synaptic operations, energy, latency (--stats, --time-sweep)
+
+# Energy per operation in 45 nm CMOS, 32-bit float: M. Horowitz, "Computing's energy problem (and what we
+# can do about it)", ISSCC 2014; the figures used by the Panda/Roy-group SNN papers.
+AC_PJ, MAC_PJ = 0.9, 4.6
+ENERGY_SOURCE = "Horowitz, ISSCC 2014, 45 nm: AC 0.9 pJ, MAC 4.6 pJ"
+
+
+def fan_out(layer, in_shape):
+    """Synapses each input neuron drives, per input position, and the layer's MACs as an ANN (one pass).
+
+    in_shape is one sample's input, (C, H, W) or (F,). A conv is padding- and stride-aware: a spike at the
+    border reaches fewer outputs. ANN MACs are the closed form C_out·H_out·W_out·C_in·kh·kw (or in·out)."""
+    if isinstance(layer, nn.Linear):
+        return torch.full(in_shape, float(layer.out_features), dtype=torch.float64), layer.weight.numel()
+    ones_w = torch.ones(layer.weight.shape, dtype=torch.float64)
+    x = torch.zeros(1, *in_shape, dtype=torch.float64)
+    out = F.conv2d(x, ones_w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    # the gradient of an all-ones output w.r.t. the input counts the (output, kernel offset) pairs per input
+    fan = torch.nn.grad.conv2d_input(x.shape, ones_w, torch.ones_like(out), layer.stride, layer.padding,
+                                     layer.dilation, layer.groups)
+    return fan[0], out.numel() * layer.weight[0].numel()
+
+
+class SpikeStats:
+    """Exact spike and synaptic-operation counts of every forward pass of `model` inside `with SpikeStats(model)`.
+
+    A forward pre-hook on each weight layer (nn.Conv2d/nn.Linear, shortcut convs and the first layer
+    included) sums its input spikes per input position; a forward hook on the model adds up each neuron
+    layer's spike counts over the window. Hooks only read, so the outputs are unchanged. Counts stay on the
+    device (no sync per batch); under torchrun `gather()` sums them over the ranks. ResNet11's block-4
+    shortcut is an identity subsample with no weights, so no synapses: it adds no synops (its spikes are
+    counted once, as inputs of cnn51)."""
+
+    def __init__(self, model):
+        self.model, self.modules = model, dict(model.named_modules())
+        self.order = []      # layer names in the order they first ran: network order (ResNet shortcuts too)
+        self.inputs = {}     # name -> input spikes per input position, summed over steps and samples
+        self.spikes = {}     # name -> spikes of the neuron layer, summed over neurons, steps and samples
+        self.neurons = {}    # name -> neurons of the layer, per sample
+        self.samples, self.time_steps, self._handles = 0, 0, []
+
+    def __enter__(self):
+        for name, m in self.modules.items():
+            if isinstance(m, (nn.Conv2d, nn.Linear)) or hasattr(m, "spike_count"):
+                self._handles.append(m.register_forward_pre_hook(self._pre_hook(name, m)))
+        self._handles.append(self.model.register_forward_hook(self._after_forward))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _pre_hook(self, name, module):
+        def hook(_, args):
+            if name not in self.order:
+                self.order.append(name)
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                count = args[0].ne(0).sum((0, 1))  # (k, B, ...) chunk -> spikes per input position
+                self.inputs[name] = self.inputs[name] + count if name in self.inputs else count
+        return hook
+
+    def _after_forward(self, model, args, output):
+        x = args[0]  # images (B, C, H, W), Poisson-encoded inside, or a spike train (T, B, ...)
+        T, B = (model.time_steps, x.shape[0]) if x.dim() == 4 else x.shape[:2]
+        self.samples, self.time_steps = self.samples + B, T
+        for name, m in model.neuron_layers():
+            if m.spike_count is not None:  # None: a layer this forward pass did not run
+                self.spikes[name] = self.spikes.get(name, 0) + m.spike_count.double().sum()
+                self.neurons[name] = m.spike_count[0].numel()
+
+    def gather(self):
+        """Sum the counts of all torchrun ranks (each saw its own share of the test set) into every rank.
+        One all_gather of small CPU tensors, after the pass; a rank that saw no batch adds nothing."""
+        mine = dict(order=self.order, inputs={k: v.cpu() for k, v in self.inputs.items()},
+                    spikes={k: float(v) for k, v in self.spikes.items()}, neurons=self.neurons,
+                    samples=self.samples, time_steps=self.time_steps)
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        self.order = max((p["order"] for p in parts), key=len)
+        self.samples, self.time_steps = sum(p["samples"] for p in parts), max(p["time_steps"] for p in parts)
+        self.inputs, self.spikes, self.neurons = {}, {}, {}
+        for p in parts:
+            for k, v in p["inputs"].items():
+                self.inputs[k] = self.inputs[k] + v if k in self.inputs else v
+            for k, v in p["spikes"].items():
+                self.spikes[k] = self.spikes.get(k, 0.0) + v
+            self.neurons.update(p["neurons"])
+
+    def summary(self):
+        """The stats.json dict (less accuracy): per-layer entries in network order, totals, energy."""
+        n, T, layers = max(self.samples, 1), self.time_steps, []
+        for name in self.order:
+            entry = {"name": name}
+            if name in self.spikes:
+                per_neuron = float(self.spikes[name]) / (n * self.neurons[name])
+                entry.update(neurons=self.neurons[name], spikes_per_neuron=per_neuron, rate=per_neuron / T)
+            if name in self.inputs:
+                fan, macs = fan_out(self.modules[name], tuple(self.inputs[name].shape))
+                entry.update(synops=(self.inputs[name].cpu().double() * fan).sum().item() / n, ann_macs=macs)
+            layers.append(entry)
+        synops = sum(l.get("synops", 0.0) for l in layers)
+        macs = sum(l.get("ann_macs", 0) for l in layers)
+        totals = dict(neurons=sum(l.get("neurons", 0) for l in layers),
+                      spikes=sum(l.get("neurons", 0) * l.get("spikes_per_neuron", 0.0) for l in layers),
+                      synops=synops, ann_macs=macs, synops_per_ann_mac=synops / max(macs, 1))
+        snn_uj, ann_uj = synops * AC_PJ * 1e-6, macs * MAC_PJ * 1e-6
+        energy = dict(ac_pj=AC_PJ, mac_pj=MAC_PJ, snn_uj=snn_uj, ann_uj=ann_uj,
+                      ann_over_snn=ann_uj / snn_uj if snn_uj else None, source=ENERGY_SOURCE)
+        return dict(layers=layers, totals=totals, energy=energy, time_steps=T, samples=self.samples)
+
+
+def evaluate_with_stats(net, loader, device, time_sweep=(), stats=True, args=None):
+    """validate(), counting spikes and synaptic operations (stats=True) and reading out after each step
+    count in time_sweep (each ≤ net.time_steps), all in the same pass over the same spikes.
+
+    args: the run's (torchrun: sums over ranks, progress bar, --amp); None: one process, no bar.
+    Returns the stats.json dict: layers, totals, energy, time_steps, samples, accuracy, time_sweep."""
+    args = args or argparse.Namespace(amp=False, no_progress=True, rank=0, distributed=False)
+    steps = sorted(set(time_sweep))
+    counter = SpikeStats(net) if stats else contextlib.nullcontext()
+    with counter:
+        metrics = validate(net, loader, args, device, steps)
+    result = {}
+    if stats:
+        if args.distributed:
+            counter.gather()
+        result = counter.summary()
+    result["accuracy"] = {k: metrics[k] for k in ("prec1", "prec5", "loss", "ce")}
+    if steps:
+        result["time_sweep"] = dict(steps=steps, prec1=[metrics[f"prec1_at_{t}"] for t in steps])
+    return result
+
+
+def format_stats_table(stats):
+    """The per-layer table, totals and energy lines, as printed by --stats."""
+    lines = [f"=> spike statistics over T = {stats['time_steps']} steps, {stats['samples']} samples (per sample)",
+             f"{'layer':<12}{'neurons':>10}{'spikes/neuron':>15}{'rate':>9}{'synops':>16}{'ANN MACs':>15}"
+             f"{'ratio':>9}"]
+    for l in stats["layers"]:
+        row = f"{l['name']:<12}"
+        row += f"{l['neurons']:>10,}{l['spikes_per_neuron']:>15.3f}{l['rate']:>9.4f}" if "neurons" in l else " " * 34
+        if "synops" in l:
+            row += f"{l['synops']:>16,.0f}{l['ann_macs']:>15,}{l['synops'] / l['ann_macs']:>9.3f}"
+        lines.append(row.rstrip())
+    t, e = stats["totals"], stats["energy"]
+    lines.append(f"{'total':<12}{t['neurons']:>10,}{'':>24}{t['synops']:>16,.0f}{t['ann_macs']:>15,}"
+                 f"{t['synops_per_ann_mac']:>9.3f}")
+    saving = "n/a (no synaptic operations)" if e["ann_over_snn"] is None else f"{e['ann_over_snn']:.2f}x"
+    lines.append(f"=> energy per sample: SNN {e['snn_uj']:.3f} uJ (synops × {e['ac_pj']} pJ), ANN {e['ann_uj']:.3f} "
+                 f"uJ (MACs × {e['mac_pj']} pJ), ANN/SNN {saving}")
+    lines.append(f"   ({e['source']}; arithmetic only: memory access and neuron updates are not counted)")
+    return "\n".join(lines)
+
+
+def time_sweep_table(steps, prec1s):
+    """Accuracy read out after each number of time steps: the latency/accuracy trade-off."""
+    return "\n".join(["=> accuracy vs time steps", f"{'steps':>6}{'Prec@1':>9}"]
+                     + [f"{t:>6}{p:>9.3f}" for t, p in zip(steps, prec1s)])
+
+
+def write_stats_json(stats, out_dir):
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "stats.json")
+    with open(path, "w") as f:
+        json.dump(stats, f, indent=1)
+    return path
+
+
+def _save(fig, path):
+    """PNG through a temp file and a rename, as the checkpoints: a crash mid-write leaves the old plot."""
+    fig.tight_layout()
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fig.savefig(tmp, dpi=100, format="png")  # ~20–40 kB per plot
+    os.replace(tmp, path)
+    return path
+
+
+def plot_spike_rates(stats, path):
+    """Bar chart: firing rate per step of each spiking and pooling neuron layer."""
+    named = [(l["name"], l["rate"]) for l in stats["layers"] if "rate" in l]
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    ax.bar([n for n, _ in named], [r for _, r in named], color="tab:blue")
+    ax.set(xlabel="layer", ylabel="spikes per neuron per step", title=f"Firing rates (T = {stats['time_steps']})")
+    ax.tick_params(axis="x", labelrotation=45)
+    return _save(fig, path)
+
+
+def plot_time_sweep(steps, prec1s, path):
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    ax.plot(steps, prec1s, "o-")
+    ax.set(xlabel="time steps", ylabel="Prec@1 (%)", title="Accuracy vs time steps")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_training_curves(csv_path, path):
+    """Accuracy and loss vs epoch from the run's CSV log; missing columns are left out (None if none)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def column(key):  # empty cells (a column added on resume) become NaN: a gap in the curve
+        return [float(r[key]) if r.get(key) not in (None, "") else math.nan for r in rows]
+
+    panels = [("Prec@1 (%)", ["train_prec1", "test_prec1"]), ("loss", ["train_loss", "test_loss"])]
+    panels = [(label, [k for k in keys if rows and k in rows[0]]) for label, keys in panels]
+    panels = [(label, keys) for label, keys in panels if keys]
+    if not panels:
+        return None
+    epochs = column("epoch") if "epoch" in rows[0] else list(range(1, len(rows) + 1))
+    fig = Figure(figsize=(5 * len(panels), 3.5))
+    for ax, (label, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
+        for k in keys:
+            ax.plot(epochs, column(k), "o-", label=k, markersize=3)
+        ax.set(xlabel="epoch", ylabel=label)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def save_stats_outputs(result, out_dir, csv_path=None):
+    """stats.json and the PNGs in out_dir; returns the text to print (tables and the files written)."""
+    text, files = [], [write_stats_json(result, out_dir)]  # creates out_dir
+    if "layers" in result:
+        text.append(format_stats_table(result))
+        files.append(plot_spike_rates(result, os.path.join(out_dir, "spike_rates.png")))
+    if "time_sweep" in result:
+        sweep = result["time_sweep"]
+        text.append(time_sweep_table(sweep["steps"], sweep["prec1"]))
+        files.append(plot_time_sweep(sweep["steps"], sweep["prec1"], os.path.join(out_dir, "time_sweep.png")))
+    if csv_path and os.path.exists(csv_path):
+        files.append(plot_training_curves(csv_path, os.path.join(out_dir, "training_curves.png")))
+    text.append("=> wrote " + ", ".join(f for f in files if f))
+    return "\n".join(text)
+
+
+# ----------------------------------------------------------------------------------------------
 # The run
 
 def main(Model, defaults, datasets=None, argv=None):
     """Parse the flags, build `Model`, then evaluate (--evaluate) or train. Returns the network."""
-    args = get_parser(sys.modules[Model.__module__].__doc__, defaults, datasets).parse_args(argv)
+    parser = get_parser(sys.modules[Model.__module__].__doc__, defaults, datasets)
+    args = parser.parse_args(argv)
+    if (args.stats or args.time_sweep) and not args.evaluate:
+        parser.error("--stats and --time-sweep measure an evaluation: add --evaluate (and --resume PATH)")
     device = setup(args)
     try:
         return run(Model, args, device)
@@ -457,6 +728,10 @@ def main(Model, defaults, datasets=None, argv=None):
 
 
 def run(Model, args, device):
+    if args.time_sweep and args.time_sweep[-1] > args.time_steps:  # the sweep reads out inside one window
+        log(args, f"=> --time-sweep goes to {args.time_sweep[-1]} steps: evaluating with --time-steps "
+            f"{args.time_sweep[-1]} instead of {args.time_steps}")
+        args.time_steps = args.time_sweep[-1]
     net = Model(time_steps=args.time_steps, leak=args.leak, dropout=args.dropout).to(device)
     net.time_chunk = args.time_chunk
     optimizer = torch.optim.SGD(net.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
@@ -474,8 +749,12 @@ def run(Model, args, device):
         if not args.evaluate:
             start_epoch, best_prec1 = restore_training(ckpt, optimizer, scheduler, args)
     val_loader = get_loader(args, False, device)
-    if args.evaluate:
-        log(args, "Test: " + fmt(validate(net, val_loader, args, device)))
+    log_path = os.path.join(args.out_dir, f"log_{args.tag}.csv")
+    if args.evaluate:  # one pass: --stats and --time-sweep are measured on the spikes of the Test: line
+        result = evaluate_with_stats(net, val_loader, device, args.time_sweep or (), args.stats, args)
+        log(args, "Test: " + fmt(result["accuracy"]))
+        if (args.stats or args.time_sweep) and args.rank == 0:
+            log(args, save_stats_outputs(result, args.out_dir, log_path))
         return net
 
     train_loader = get_loader(args, True, device)
@@ -493,10 +772,11 @@ def run(Model, args, device):
         seconds, rates = time.time() - start, {k: v for k, v in train.items() if k.startswith("rate_")}
         if args.rank == 0:
             save_checkpoint(checkpoint_state(net, optimizer, scheduler, epoch + 1, best_prec1, args), is_best, args)
-            append_csv(os.path.join(args.out_dir, f"log_{args.tag}.csv"), {
+            append_csv(log_path, {
                 "epoch": epoch + 1, "lr": lr, **{f"train_{k}": train[k] for k in ("loss", "ce", "prec1", "prec5")},
                 **{f"test_{k}": test[k] for k in ("loss", "ce", "prec1", "prec5")}, "seconds": round(seconds, 1),
                 **rates})
+            plot_training_curves(log_path, os.path.join(args.out_dir, "training_curves.png"))  # ~0.1 s
         log(args, f"=> epoch {epoch + 1}/{args.epochs} lr {lr:.3g} {seconds:.0f} s | train {fmt(train)} | "
             f"Test: {fmt(test)} | rates " + " ".join(f"{k[5:]} {v:.3f}" for k, v in rates.items()))
     log(args, f"=> best Prec@1 {best_prec1:.3f}; checkpoints and log_{args.tag}.csv in {args.out_dir}")

@@ -17,18 +17,26 @@ from reference import reference_lif
 
 def make_step(impl, shape, chunk, device):
     gen = torch.Generator().manual_seed(0)
-    current = (torch.rand(shape, generator=gen) * 0.6).to(device).requires_grad_()
+    current = (torch.rand(shape, generator=gen) * 0.6).to(device)
     upstream = torch.randn(shape, generator=gen).to(device)
+    # gradients land in per-chunk (engine) or per-step (reference) leaves, so that neither side
+    # pays for assembling one (T, ...) gradient tensor, which is the benchmark's, not the layer's
+    chunks = [c.clone().requires_grad_() for c in current.split(chunk)]
+    steps = [c.clone().requires_grad_() for c in current]
 
+    # loss = Σ_t <o_t, upstream_t>: each chunk's output spikes are consumed as they come, as a
+    # next layer would, so neither side has to hold all T steps of float spikes
     def engine():
         lif = sl.LIF(leak=0.99)
-        torch.cat([lif(c) for c in current.split(chunk)]).backward(upstream)
-        current.grad = None
+        sum((lif(c) * g).sum() for c, g in zip(chunks, upstream.split(chunk))).backward()
+        for c in chunks:
+            c.grad = None
 
     def reference():
-        spikes, _ = reference_lif(current, leak=0.99)
-        spikes.backward(upstream)
-        current.grad = None
+        spikes, _ = reference_lif(steps, leak=0.99)
+        (spikes * upstream).sum().backward()
+        for c in steps:
+            c.grad = None
 
     return engine if impl == "engine" else reference
 
@@ -46,7 +54,8 @@ def main():
     device = torch.device(args.device)
     chunk = args.time_chunk or sl.default_time_chunk(shape[1], shape[0], device)
     if args.memory_worker:
-        print(harness.peak_memory(make_step(args.memory_worker, shape, chunk, device), device))
+        tiny = make_step(args.memory_worker, (2, 2) + shape[2:], chunk, device)
+        print(harness.peak_memory(make_step(args.memory_worker, shape, chunk, device), device, tiny))
         return
 
     steps = {impl: make_step(impl, shape, chunk, device) for impl in ("engine", "reference")}

@@ -84,7 +84,8 @@ def main():
     common = dict(device=device, amp=args.amp, chunk=args.time_chunk, T=args.time_steps, B=args.batch_size)
     if args.memory_worker:
         name, impl, mode = args.memory_worker
-        print(harness.peak_memory(make_step(name, impl, mode, **common)[0], device))
+        tiny = make_step(name, impl, mode, **{**common, "T": 2, "B": 2})[0]
+        print(harness.peak_memory(make_step(name, impl, mode, **common)[0], device, tiny))
         return
 
     rows = []

@@ -6,7 +6,6 @@ alone in a fresh process (RSS growth on a CPU, torch.cuda.max_memory_allocated o
 a process never gives freed memory back to RSS and would hide the second one's peak."""
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -38,15 +37,19 @@ def alternate(fns, rounds, device):
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def rss_bytes():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss_bytes(field="VmRSS"):
+    """Resident memory now (VmRSS) or at its peak (VmHWM). Not getrusage's ru_maxrss: Linux
+    carries it across exec, so a worker would inherit its parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def peak_memory(fn, device, calls=2):
-    """Peak memory growth (bytes) of calling fn, in this (fresh) process."""
+def peak_memory(fn, device, warmup, calls=2):
+    """Peak memory growth (bytes) while calling fn, in this fresh process. `warmup` runs the same
+    code on a tiny input first, so JIT compilation is not counted; a full-size warm-up would
+    be, wrongly, since the allocator would then serve the measured calls from memory it kept."""
+    warmup()
     if device.type == "cuda":
-        fn()  # warm-up (cuDNN workspaces, allocator pools)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -54,10 +57,12 @@ def peak_memory(fn, device, calls=2):
             fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux ≥ 4.0)
     base = rss_bytes()
     for _ in range(calls):
         fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return rss_bytes("VmHWM") - base
 
 
 def measure_in_subprocess(script, args):

@@ -10,25 +10,12 @@ Evaluate:  python svhn_ResNet.py --resume model_bestT1_svhn_r7.pth.tar --evaluat
 """
 import torch.nn as nn
 
+import cifar10_ResNet11
 import utils
 from spiking_layers import Conv2d, Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork, init_weights
 
-DEFAULTS = dict(                 # ResNet11's settings (SPEC §4)
-    dataset="svhn",
-    time_steps=100,
-    leak=0.99,
-    lr=0.0025,
-    lr_steps=(70, 100, 125),     # ×0.2 at each
-    epochs=150,
-    batch_size=16,
-    test_batch_size=8,
-    dropout=0.25,
-    momentum=0.0,                # the authors parsed 0.9 but never passed it to SGD
-    weight_decay=5e-4,
-    seed=3,
-    cuda_seed=44,
-    tag="svhn_r7",
-)
+# ResNet11's settings (SPEC §4), on SVHN
+DEFAULTS = dict(cifar10_ResNet11.DEFAULTS, dataset="svhn", tag="svhn_r7")
 
 
 class ResNet7(SpikingNetwork):

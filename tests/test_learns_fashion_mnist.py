@@ -1,0 +1,51 @@
+"""The method learns real images: LeNet trained from scratch on Fashion-MNIST through the normal
+training code (the leak-aware gradient, summed squared error, SGD), then evaluated on the first
+2,000 test images. A negative control with the spike function's gradient forced to zero shows
+that the accuracy bar can fail.
+
+Settings, chosen to fit CI's 2 cores in a few minutes: the first 10,000 training images, 2 epochs,
+T = 16, batch 32, lr 0.0085 (the paper's) with momentum 0.5 (the paper's 0 needs more images:
+78.9 % after 2 epochs of 6,000). Measured here: 78.8 % after the first epoch, 81.0 % after the
+second (`python mnist_LeNet.py --dataset fashion-mnist --epochs 2 -b 32 --time-steps 16
+--limit-train 10000 --momentum 0.5 --limit-val 2000`).
+"""
+import csv
+import os
+
+import pytest
+
+import spiking_layers
+import utils
+from mnist_LeNet import DEFAULTS, LeNet
+
+RUN = ["--dataset", "fashion-mnist", "--time-steps", "16", "-b", "32", "--lr", "0.0085", "--momentum", "0.5",
+       "--limit-train", "10000", "--limit-val", "2000", "-j", "0", "--device", "cpu", "--no-progress"]
+
+
+@pytest.fixture
+def fashion_mnist(tmp_path):
+    if not os.path.isdir(utils.DEBIAN_FASHION_MNIST):
+        if os.environ.get("CI"):
+            pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    return ["--data-dir", str(tmp_path / "data"), "--out-dir", str(tmp_path)]
+
+
+def final_test_prec1(out_dir):
+    with open(os.path.join(out_dir, "log_mnist1.csv")) as f:
+        return float(list(csv.DictReader(f))[-1]["test_prec1"])
+
+
+def test_lenet_learns_fashion_mnist(fashion_mnist, tmp_path):
+    utils.main(LeNet, DEFAULTS, datasets=("mnist", "fashion-mnist"), argv=RUN + ["--epochs", "2"] + fashion_mnist)
+    assert final_test_prec1(tmp_path) >= 80.0
+
+
+def test_without_the_spike_gradient_it_does_not(fashion_mnist, tmp_path, monkeypatch):
+    """∂o_t/∂U'_t forced to 0 in every LIF and pooling neuron: no hidden layer learns. The output
+    layer fc1 is not behind a spike function, so it still learns a linear readout of the
+    untrained spiking features: 47.9 % after one epoch of 6,000 images, 51.0 % after two (not the
+    30 % the issue expected). One epoch here, to save CI time; the bar below is far from 80 %."""
+    monkeypatch.setattr(spiking_layers._Window, "slope", lambda self, *a: self.n.new_zeros(self.n.numel()))
+    utils.main(LeNet, DEFAULTS, datasets=("mnist", "fashion-mnist"), argv=RUN + ["--epochs", "1"] + fashion_mnist)
+    assert final_test_prec1(tmp_path) < 65.0

@@ -589,6 +589,11 @@ class SpikingNetwork(nn.Module):
         return [(n, m) for n, m in self.named_modules() if isinstance(m, SpikingNeurons)]
 
     def firing_rates(self):
-        """Mean spikes per neuron per time step of each neuron layer in the last forward pass."""
-        return {n: (m.spike_count.sum() / (m.spike_count.numel() * m.window.steps)).item()
-                for n, m in self.neuron_layers() if m.spike_count is not None}
+        """Mean spikes per neuron per time step of each neuron layer in the last forward pass
+        (one device-to-host copy for all layers: the health monitor reads it every batch)."""
+        layers = [(n, m) for n, m in self.neuron_layers() if m.spike_count is not None]
+        if not layers:
+            return {}
+        rates = torch.stack([m.spike_count.sum().double() / (m.spike_count.numel() * m.window.steps)
+                             for _, m in layers]).tolist()
+        return dict(zip((n for n, _ in layers), rates))

@@ -32,7 +32,7 @@ DEFAULTS = dict(                 # the paper's settings (SPEC §4)
 
 class ResNet11(SpikingNetwork):
     def __init__(self, time_steps=100, leak=0.99, dropout=0.25):
-        super().__init__(time_steps, leak, dropout)
+        super().__init__(time_steps, leak)
         kw = dict(padding=1, leak=leak, dropout=dropout)
         self.cnn11 = SpikingConv2d(3, 64, 3, **kw)
         self.pool1 = PoolIF()

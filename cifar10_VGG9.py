@@ -29,7 +29,7 @@ DEFAULTS = dict(                 # the paper's settings (SPEC §4)
 
 class VGG9(SpikingNetwork):
     def __init__(self, time_steps=100, leak=0.99, dropout=0.2):
-        super().__init__(time_steps, leak, dropout)
+        super().__init__(time_steps, leak)
         kw = dict(padding=1, leak=leak, dropout=dropout)
         self.cnn11, self.cnn12 = SpikingConv2d(3, 64, 3, **kw), SpikingConv2d(64, 64, 3, **kw)
         self.pool1 = PoolIF()

@@ -30,7 +30,7 @@ class LeNet(SpikingNetwork):
     input_scale = 0.5  # MNIST is ToTensor only: a pixel fires with probability up to 1/2 per step
 
     def __init__(self, time_steps=100, leak=0.99, dropout=0.0):
-        super().__init__(time_steps, leak, dropout)
+        super().__init__(time_steps, leak)
         kw = dict(leak=leak, dropout=dropout)
         self.cnn1 = SpikingConv2d(1, 20, 5, padding=2, **kw)
         self.pool1 = PoolIF()

@@ -542,12 +542,12 @@ class SpikingNetwork(nn.Module):
     train (T, B, C, H, W) (event data, exact tests), and returns U_out(T) / V_th / T."""
     input_scale = 1.0
 
-    def __init__(self, time_steps=100, leak=0.99, dropout=0.0):
+    def __init__(self, time_steps=100, leak=0.99):
         super().__init__()
         if time_steps < 1:
             raise ValueError(f"time_steps must be ≥ 1, got {time_steps}")
         _check_leak(leak)
-        self.time_steps, self.leak, self.dropout = time_steps, leak, dropout
+        self.time_steps, self.leak = time_steps, leak
         self.v_th = 1.0
         self.time_chunk = None  # None: default_time_chunk
 

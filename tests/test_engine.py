@@ -129,7 +129,7 @@ class Stack3(sl.SpikingNetwork):
     """conv (LIF, time-fixed dropout) – 2×2 pool (IF) – linear (output integrator)."""
 
     def __init__(self, time_steps, dropout=0.0):
-        super().__init__(time_steps, 0.99, dropout)
+        super().__init__(time_steps, 0.99)
         self.conv = sl.SpikingConv2d(2, 6, 3, padding=1, dropout=dropout)
         self.pool = sl.PoolIF()
         self.fc = sl.Linear(6 * 4 * 4, 10)

@@ -76,13 +76,13 @@ def _use_cpu_kernels(t):
     return CPU_KERNELS and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64)
 
 
-def _split(kernel, n, *args):
-    """kernel(lo, hi, *args) over [0, n), split across torch's CPU threads (the loops are
-    elementwise along n)."""
-    parts = max(1, min(torch.get_num_threads(), n // 32768))
+def _split(kernel, n, *args, grain=32768):
+    """kernel(lo, hi, *args) over [0, n), split across torch's CPU threads into parts of at
+    least `grain` (the loops are elementwise along n)."""
+    parts = max(1, min(torch.get_num_threads(), n // grain))
     if parts == 1:
         return [kernel(0, n, *args)]
-    edges = [n * i // parts // 64 * 64 for i in range(parts)] + [n]
+    edges = [n * i // parts // 64 * 64 if grain >= 64 else n * i // parts for i in range(parts)] + [n]
     futures = [_helper_threads(parts - 1).submit(kernel, edges[i], edges[i + 1], *args) for i in range(1, parts)]
     return [kernel(edges[0], edges[1], *args)] + [f.result() for f in futures]
 
@@ -245,6 +245,11 @@ class Linear(nn.Linear):
         return synapse(self, spike_seq)
 
 
+def _maps(x):
+    """Maps (M, H, W) per thread: as many pixels as _split's elementwise loops take."""
+    return max(1, 32768 // (x.shape[1] * x.shape[2]))
+
+
 class _AvgPool2x2(torch.autograd.Function):
     """2×2 average pooling of a (k, B, C, H, W) chunk. Backward needs no saved input (the
     gradient is 1/4 everywhere), whereas autograd's avg_pool2d would keep the float spikes."""
@@ -254,7 +259,7 @@ class _AvgPool2x2(torch.autograd.Function):
         x = spike_seq.flatten(0, -3)                                    # (k·B·C, H, W)
         if _use_cpu_kernels(x):
             out = x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2] // 2)
-            _split(_pool_cpu, x.shape[0], x.contiguous().numpy(), out.numpy())
+            _split(_pool_cpu, x.shape[0], x.contiguous().numpy(), out.numpy(), grain=_maps(x))
         else:
             out = F.avg_pool2d(x, 2)
         return out.view(*spike_seq.shape[:-2], *out.shape[-2:])
@@ -264,7 +269,7 @@ class _AvgPool2x2(torch.autograd.Function):
         g = grad.flatten(0, -3)
         if _use_cpu_kernels(g):
             out = g.new_empty(g.shape[0], 2 * g.shape[1], 2 * g.shape[2])
-            _split(_unpool_cpu, g.shape[0], g.contiguous().numpy(), out.numpy())
+            _split(_unpool_cpu, g.shape[0], g.contiguous().numpy(), out.numpy(), grain=_maps(out))
         else:
             out = (g * 0.25).repeat_interleave(2, -1).repeat_interleave(2, -2)
         return out.view(*grad.shape[:-2], *out.shape[-2:])

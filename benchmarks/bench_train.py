@@ -11,10 +11,14 @@ ratio, and the peak memory of each (measured in its own process) and their ratio
 """
 import argparse
 import contextlib
+import gzip
+import os
 
+import numpy as np
 import torch
 
 import harness
+import utils
 from cifar10_ResNet11 import ResNet11
 from cifar10_VGG9 import VGG9
 from mnist_LeNet import LeNet
@@ -29,15 +33,29 @@ def sizes(name, device):
     return (100, 16) if device.type == "cuda" else (20, 8)
 
 
-def make_step(name, impl, mode, device, amp, chunk, T=None, B=None):
+def fashion_mnist_images(n):
+    """The first n Fashion-MNIST test images, read straight from the Debian package."""
+    path = os.path.join(utils.DEBIAN_FASHION_MNIST, "t10k-images-idx3-ubyte.gz")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: {path} not found; install it with apt-get install -y dataset-fashion-mnist")
+    with gzip.open(path) as f:
+        pixels = np.frombuffer(f.read(), np.uint8, offset=16)[:n * 784]
+    return torch.from_numpy(pixels.astype(np.float32) / 255).view(n, 1, 28, 28)
+
+
+def make_step(name, impl, mode, device, amp, chunk, T=None, B=None, checkpoint=None, images="random"):
     """A closure running one training step or one inference pass of `impl`."""
     Model, shape = NETWORKS[name]
     T0, B0 = sizes(name, device)
     T, B = T or T0, B or B0
     torch.manual_seed(0)
-    model = Model(time_steps=T, dropout=0.0).to(device)
+    model = Model(time_steps=T, dropout=0.0)
+    if checkpoint:
+        utils.load_checkpoint(checkpoint, model)
+    model = model.to(device)
     model.time_chunk = chunk
-    spikes = model.encode(torch.rand(B, *shape, device=device) * 0.9)
+    x = fashion_mnist_images(B) if images == "fashion-mnist" else torch.rand(B, *shape) * 0.9
+    spikes = model.encode(x.to(device))
     target = torch.nn.functional.one_hot(torch.arange(B, device=device) % 10, 10).float()
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else contextlib.nullcontext
 
@@ -76,12 +94,16 @@ def main():
     p.add_argument("--batch-size", type=int, default=None, help="override the batch size")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--checkpoint", default=None, help="weights to load (default: the faithful init)")
+    p.add_argument("--images", default="random", choices=["random", "fashion-mnist"],
+                   help="uniform random images × 0.9, or the first test images of Fashion-MNIST (default: %(default)s)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--json", action="store_true")
     p.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "IMPL", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
-    common = dict(device=device, amp=args.amp, chunk=args.time_chunk, T=args.time_steps, B=args.batch_size)
+    common = dict(device=device, amp=args.amp, chunk=args.time_chunk, T=args.time_steps, B=args.batch_size,
+                  checkpoint=args.checkpoint, images=args.images)
     if args.memory_worker:
         name, impl, mode = args.memory_worker
         tiny = make_step(name, impl, mode, **{**common, "T": 2, "B": 2})[0]
@@ -95,12 +117,14 @@ def main():
             T, B = steps["engine"][1:]
             seconds = harness.alternate({impl: s[0] for impl, s in steps.items()}, args.rounds, device)
             row = dict(model=name, mode=mode, T=T, batch=B, amp=args.amp, device=args.device,
+                       weights=args.checkpoint or "init", images=args.images,
                        engine_samples_s=B / seconds["engine"], reference_samples_s=B / seconds["reference"],
                        speedup=seconds["reference"] / seconds["engine"])
             if not args.no_memory:
                 flags = ["--device", args.device] + (["--amp"] if args.amp else [])
                 flags += [f"--{k}={v}" for k, v in (("time-chunk", args.time_chunk), ("time-steps", args.time_steps),
-                                                   ("batch-size", args.batch_size)) if v]
+                                                   ("batch-size", args.batch_size), ("checkpoint", args.checkpoint),
+                                                   ("images", args.images))) if v]
                 mem = {impl: harness.measure_in_subprocess(__file__, [name, impl, mode] + flags) for impl in steps}
                 row.update(engine_peak=harness.fmt_bytes(mem["engine"]),
                            reference_peak=harness.fmt_bytes(mem["reference"]),

@@ -270,3 +270,21 @@ def test_amp_drift_from_float32_is_bounded():
         assert abs(l16 - l32) < 0.1 * l32
     for (name, p32), p16, p0 in zip(fp32.named_parameters(), amp.parameters(), start.parameters()):
         assert (p16 - p32).norm() < 0.6 * (p32 - p0).norm(), name
+
+
+def test_pooling_split_across_threads_is_exact(monkeypatch):
+    """Large chunks are pooled by several threads, each over its own maps: the result must equal
+    avg_pool2d's and its gradient, to the bit."""
+    monkeypatch.setattr(sl, "CPU_KERNELS", sl.numba is not None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = signed_spikes((3, 8, 20, 28, 28)).float().requires_grad_()  # 480 maps of 28×28
+        assert 480 // sl._maps(x.flatten(0, -3)) >= 2, "too small to be split: the test would be vacuous"
+        y = sl._AvgPool2x2.apply(x)
+        ref = torch.nn.functional.avg_pool2d(x.flatten(0, 1), 2).view_as(y)
+        g = torch.randn_like(y)
+        assert torch.equal(y, ref)
+        assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    finally:
+        torch.set_num_threads(threads)

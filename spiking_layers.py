@@ -280,7 +280,9 @@ class _AvgPool2x2(torch.autograd.Function):
 
 def _fire(current_seq, u, window, v_th, leak, leaky_sum):
     """Steps 2–5 over a chunk (k, B, ...). Returns the spikes as bool (kept for backward) and as
-    the currents' dtype (for the next layer), and the new membrane (B, ...)."""
+    floats for the next layer, and the new membrane (B, ...). Under bf16 autocast the float
+    spikes are bf16 on a GPU, but stay float32 on a CPU, where the compiled pooling and packing
+    loops read them (numba has no bf16); a convolution casts them exactly (they are 0 and 1)."""
     k, shape = current_seq.shape[0], current_seq.shape
     current = current_seq.reshape(k, -1).to(u.dtype)  # bf16 currents: fp32 membrane arithmetic
     u = u.reshape(-1).clone()
@@ -298,9 +300,9 @@ def _fire(current_seq, u, window, v_th, leak, leaky_sum):
             window.n.view(-1).add_(fired[t])
             if leaky_sum:
                 window.lf.view(-1).mul_(leak).add_(fired[t])
-        out = fired.to(u.dtype)
+        out = fired.to(current_seq.dtype)
     window.steps += k
-    return fired.view(shape), out.view(shape).to(current_seq.dtype), u.view(shape[1:])
+    return fired.view(shape), out.view(shape), u.view(shape[1:])
 
 
 def _backprop(grad_spikes, fired, slope, grad_u):

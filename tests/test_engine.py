@@ -209,7 +209,9 @@ def test_bf16_autocast_keeps_spikes_exact_and_membranes_fp32(kernels):
         out = net(x)
         assert net.conv.u.dtype == torch.float32 and net.pool.u.dtype == torch.float32
         spikes = net.conv(x[:1])
-        assert spikes.dtype == torch.bfloat16 and set(spikes.unique().tolist()) <= {0.0, 1.0}
+        # bf16 where the tensor operations run (GPUs); float32 for the compiled CPU loops
+        assert spikes.dtype == (torch.float32 if kernels == "compiled" else torch.bfloat16)
+        assert set(spikes.unique().tolist()) <= {0.0, 1.0}
     out.pow(2).sum().backward()
     assert out.dtype == torch.float32 and torch.isfinite(net.conv.weight.grad).all()
     assert net.conv.weight.grad.dtype == torch.float32

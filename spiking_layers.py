@@ -29,9 +29,11 @@ of each weight layer in one byte, never the float currents or membranes.
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.weak
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,32 +146,130 @@ def _unpool_cpu(lo, hi, g, out):
 
 @_cpu_kernel
 def _pack_cpu(lo, hi, x, q):
-    """q = sign(x) as int8; returns the largest and the smallest nonzero |x|."""
-    largest, smallest = 0.0, math.inf
+    """q = sign(x) as int8; returns the largest and the smallest nonzero |x|, and how many."""
+    largest, smallest, events = 0.0, math.inf, 0
     for i in range(U64(lo), U64(hi)):
         a = abs(x[i])
         largest = max(largest, a)
         smallest = min(smallest, a if a != 0 else math.inf)
+        events += a != 0
         q[i] = (x[i] > 0) - (x[i] < 0)
-    return largest, smallest
+    return largest, smallest, events
+
+
+# Event-driven convolutions. An input spike adds one signed weight row (O currents) per kernel
+# offset, so a layer whose input fires at rate r needs r of a dense convolution's multiply-adds, for
+# its output and for its weight gradient (∂L/∂w is a sum over the input's spikes). A trained
+# network fires at 1–5 % per step, where this beats the dense kernels; a fresh one on dense input
+# fires more, and the dense path is taken (EVENT_DENSITY). The results are the same up to the
+# order of summation; the input gradient is always the dense one (oneDNN). Weights are laid out
+# (KH, KW, C, O), so that a spike's rows are contiguous.
+
+@_cpu_kernel
+def _events_forward(lo, hi, q, w, out, stride, pad):
+    """out[n] (O, OH, OW) = Σ over the events of q[n] (C, H, W) of ±w rows, images lo..hi."""
+    C, H, W = q.shape[1], q.shape[2], q.shape[3]
+    KH, KW, O = w.shape[0], w.shape[1], w.shape[3]
+    OH, OW = out.shape[2], out.shape[3]
+    acc = np.empty((OH, OW, O), w.dtype)
+    for n in range(lo, hi):
+        acc[:] = 0
+        for c in range(C):
+            for iy in range(H):
+                for ix in range(W):
+                    v = q[n, c, iy, ix]
+                    if v == 0:
+                        continue
+                    for kh in range(KH):
+                        ty = iy + pad - kh  # (written with the stride test first, numba
+                        if ty < 0 or ty % stride:  # vectorizes the row loops 2× better)
+                            continue
+                        oy = ty // stride
+                        if oy >= OH:
+                            continue
+                        for kw in range(KW):
+                            tx = ix + pad - kw
+                            if tx < 0 or tx % stride:
+                                continue
+                            ox = tx // stride
+                            if ox >= OW:
+                                continue
+                            a, r = acc[oy, ox], w[kh, kw, c]
+                            if v > 0:
+                                for o in range(U64(O)):
+                                    a[o] += r[o]
+                            else:
+                                for o in range(U64(O)):
+                                    a[o] -= r[o]
+        for o in range(O):
+            for oy in range(OH):
+                for ox in range(OW):
+                    out[n, o, oy, ox] = acc[oy, ox, o]
+
+
+@_cpu_kernel
+def _events_weight_grad(lo, hi, q, g, dw, stride, pad):
+    """dw[:, :, c] (KH, KW, O) = Σ over the events of q at channel c of ±g rows, channels lo..hi.
+    g: ∂L/∂I as (N, OH, OW, O)."""
+    N, H, W = q.shape[0], q.shape[2], q.shape[3]
+    KH, KW, O = dw.shape[0], dw.shape[1], dw.shape[3]
+    OH, OW = g.shape[1], g.shape[2]
+    for n in range(N):  # images outer: an image's gradient stays in cache over the channels
+        for c in range(lo, hi):
+            for iy in range(H):
+                for ix in range(W):
+                    v = q[n, c, iy, ix]
+                    if v == 0:
+                        continue
+                    for kh in range(KH):
+                        ty = iy + pad - kh
+                        if ty < 0 or ty % stride:
+                            continue
+                        oy = ty // stride
+                        if oy >= OH:
+                            continue
+                        for kw in range(KW):
+                            tx = ix + pad - kw
+                            if tx < 0 or tx % stride:
+                                continue
+                            ox = tx // stride
+                            if ox >= OW:
+                                continue
+                            d, r = dw[kh, kw, c], g[n, oy, ox]
+                            if v > 0:
+                                for o in range(U64(O)):
+                                    d[o] += r[o]
+                            else:
+                                for o in range(U64(O)):
+                                    d[o] -= r[o]
 
 
 # ----------------------------------------------------------------------------------------------
 # Synapses: a per-image layer applied to a (k, B, ...) spike chunk by folding time into the batch
 
+# Input densities (spikes per input per step) below which a CPU convolution runs on events: its
+# output, and its weight gradient. `python benchmarks/bench_events.py` on our 2-core machine put
+# the crossovers at 7–15 % for the output and 6–15 % for the weight gradient (LeNet, VGG9 and
+# ResNet11 layers); at 2 % events were 2.2–3.1× and 1.3–2.7× faster.
+EVENT_DENSITY = dict(forward=0.08, weight_grad=0.05)
+
+
 def _pack(spike_seq):
     """Spike chunks hold only 0 and ±s (s = 1, or the dropout scale 1/(1-p)): keep them in one
-    byte plus the scalar s. Anything else (graded event data) is kept as it is, exactly."""
+    byte plus the scalar s, and (on a CPU) count the events. Anything else (graded event data) is
+    kept as it is, exactly. Returns (q, s or None, events or None)."""
     if _use_cpu_kernels(spike_seq):
         q = torch.empty(spike_seq.shape, dtype=torch.int8)
         parts = _split(_pack_cpu, q.numel(), spike_seq.contiguous().view(-1).numpy(), q.view(-1).numpy())
         largest, smallest = max(p[0] for p in parts), min(p[1] for p in parts)
-        return (q, spike_seq.new_tensor(largest)) if largest in (0.0, smallest) else (spike_seq, None)
+        if largest in (0.0, smallest):
+            return q, spike_seq.new_tensor(largest), sum(p[2] for p in parts)
+        return spike_seq, None, None
     s = spike_seq.abs().amax()
     q = torch.sign(spike_seq).to(torch.int8)
     if torch.equal(q * s, spike_seq):
-        return q, s
-    return spike_seq, None
+        return q, s, None
+    return spike_seq, None, None
 
 
 def _unpack(q, s, dtype):
@@ -179,6 +279,59 @@ def _unpack(q, s, dtype):
     return x * s.to(dtype)
 
 
+def _event_layer(layer, weight):
+    """A stride-1, square, ungrouped, undilated convolution on a CPU (ResNet's 1×1 stride-2
+    shortcuts and Linear layers measured slower on events in a training step)."""
+    return (_use_cpu_kernels(weight) and isinstance(layer, nn.Conv2d) and layer.stride == (1, 1)
+            and layer.kernel_size[0] == layer.kernel_size[1] and layer.kernel_size[0] > 1
+            and not isinstance(layer.padding, str) and layer.padding[0] == layer.padding[1]
+            and layer.dilation == (1, 1) and layer.groups == 1)
+
+
+_ROWS = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (its version, its rows)
+
+
+def _rows(weight):
+    """The weight as (KH, KW, C, O). Cached while the weight is unchanged (its version counter),
+    i.e. over all the chunks of a forward pass and its backward."""
+    cached = _ROWS.get(weight)
+    if cached is None or cached[0] != weight._version:
+        cached = _ROWS[weight] = (weight._version, weight.detach().permute(2, 3, 1, 0).contiguous())
+    return cached[1]
+
+
+def _event_current(layer, q, s, weight):
+    x, rows, pad = q.flatten(0, 1), _rows(weight), layer.padding[0]
+    out = weight.new_empty(x.shape[0], weight.shape[0], *(n + 2 * pad - rows.shape[0] + 1 for n in x.shape[2:]))
+    _split(_events_forward, x.shape[0], x.numpy(), rows.numpy(), out.numpy(), 1, pad, grain=8)
+    return out if s.item() == 1.0 else out * s.to(out.dtype)
+
+
+def _event_weight_grad(layer, q, s, weight, grad_current):
+    x = q.flatten(0, 1)
+    g = grad_current.flatten(0, 1).to(weight.dtype).permute(0, 2, 3, 1).contiguous()  # (N, OH, OW, O)
+    o, c, kh, kw = weight.shape
+    rows = weight.new_zeros(kh, kw, c, o)
+    _split(_events_weight_grad, x.shape[1], x.numpy(), g.numpy(), rows.numpy(), 1, layer.padding[0], grain=1)
+    grad_w = rows.permute(3, 2, 0, 1).contiguous()
+    return grad_w if s.item() == 1.0 else grad_w * s.to(grad_w.dtype)
+
+
+def _current(layer, spike_seq, weight, pack=True):
+    """I = layer(s) over a chunk (k, B, ...), on events where the input is sparse spikes on a CPU.
+    Also returns the packed input (q, s) for backward and its density (None unless counted)."""
+    q = s = density = None
+    if pack or _event_layer(layer, weight):
+        q, s, events = _pack(spike_seq)
+        if events is not None and _event_layer(layer, weight):
+            density = events / max(q.numel(), 1)
+    if density is not None and density < EVENT_DENSITY["forward"]:
+        current = _event_current(layer, q, s, weight)
+    else:
+        current = _per_image(layer, spike_seq.flatten(0, 1), weight)
+    return current.unflatten(0, spike_seq.shape[:2]), q, s, density
+
+
 class _Synapse(torch.autograd.Function):
     """I = layer(s) for a Conv2d or Linear without bias, over a chunk of time steps.
 
@@ -186,28 +339,33 @@ class _Synapse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spike_seq, weight, layer):
-        k, B = spike_seq.shape[:2]
-        current = _per_image(layer, spike_seq.flatten(0, 1), weight)
-        q, s = _pack(spike_seq)
+        current, q, s, density = _current(layer, spike_seq, weight)
         ctx.save_for_backward(q, weight)
-        ctx.scale, ctx.layer, ctx.in_dtype, ctx.compute_dtype = s, layer, spike_seq.dtype, current.dtype
-        return current.unflatten(0, (k, B))
+        ctx.scale, ctx.layer = s, layer
+        ctx.events = density is not None and density < EVENT_DENSITY["weight_grad"]
+        ctx.in_dtype, ctx.compute_dtype = spike_seq.dtype, current.dtype
+        return current
 
     @staticmethod
     def backward(ctx, grad_current):
         q, weight = ctx.saved_tensors
-        dtype, layer = ctx.compute_dtype, ctx.layer  # under autocast the forward ran in bf16
-        x = _unpack(q, ctx.scale, dtype).flatten(0, 1)
+        dtype, layer = ctx.compute_dtype, ctx.layer  # under autocast a dense forward ran in bf16
+        need_x, need_w = ctx.needs_input_grad[:2]
+        dense_w = need_w and not ctx.events
         g = grad_current.flatten(0, 1).to(dtype)
         w = weight.to(dtype)
-        need_x, need_w = ctx.needs_input_grad[:2]
-        if isinstance(layer, nn.Conv2d):
+        x = _unpack(q, ctx.scale, dtype).flatten(0, 1) if dense_w else None
+        grad_x = grad_w = None
+        if isinstance(layer, nn.Conv2d) and (need_x or dense_w):
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                g, x, w, None, layer.stride, layer.padding, layer.dilation, False, [0, 0], layer.groups,
-                [need_x, need_w, False])
-        else:
+                g, x if dense_w else torch.empty((), dtype=dtype).expand(g.shape[0], *q.shape[2:]),  # shape only
+                w, None, layer.stride, layer.padding, layer.dilation, False, [0, 0], layer.groups,
+                [need_x, dense_w, False])
+        elif isinstance(layer, nn.Linear):
             grad_x = g @ w if need_x else None
-            grad_w = g.t() @ x if need_w else None
+            grad_w = g.t() @ x if dense_w else None
+        if need_w and ctx.events:
+            grad_w = _event_weight_grad(layer, q, ctx.scale, weight, grad_current)
         if grad_x is not None:
             grad_x = grad_x.unflatten(0, q.shape[:2]).to(ctx.in_dtype)
         if grad_w is not None:
@@ -225,7 +383,7 @@ def synapse(layer, spike_seq):
     """Apply a Conv2d/Linear (no bias) to a (k, B, ...) chunk: one call over k·B images."""
     if torch.is_grad_enabled() and (spike_seq.requires_grad or layer.weight.requires_grad):
         return _Synapse.apply(spike_seq, layer.weight, layer)
-    return _per_image(layer, spike_seq.flatten(0, 1), layer.weight).unflatten(0, spike_seq.shape[:2])
+    return _current(layer, spike_seq, layer.weight, pack=False)[0]
 
 
 class Conv2d(nn.Conv2d):

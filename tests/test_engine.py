@@ -25,11 +25,14 @@ def chunk_sizes(T):
 CASES = [(T, k) for T in (1, 5, 12, 37) for k in chunk_sizes(T)]
 
 
-@pytest.fixture(params=["compiled", "tensor-ops"])
+@pytest.fixture(params=["compiled", "events", "tensor-ops"])
 def kernels(request, monkeypatch):
-    """Both implementations of the neuron recursion: the compiled CPU loops, and the tensor
-    operations GPUs run (checked here on the CPU)."""
-    monkeypatch.setattr(sl, "CPU_KERNELS", request.param == "compiled" and sl.numba is not None)
+    """Every implementation: the compiled CPU loops (with the dense convolutions a freshly
+    initialised network takes), the same with every eligible convolution on events whatever the
+    density, and the tensor operations GPUs run (checked here on the CPU)."""
+    monkeypatch.setattr(sl, "CPU_KERNELS", request.param != "tensor-ops" and sl.numba is not None)
+    if request.param == "events":
+        monkeypatch.setattr(sl, "EVENT_DENSITY", dict(forward=1.1, weight_grad=1.1))
     return request.param
 
 
@@ -210,7 +213,7 @@ def test_bf16_autocast_keeps_spikes_exact_and_membranes_fp32(kernels):
         assert net.conv.u.dtype == torch.float32 and net.pool.u.dtype == torch.float32
         spikes = net.conv(x[:1])
         # bf16 where the tensor operations run (GPUs); float32 for the compiled CPU loops
-        assert spikes.dtype == (torch.float32 if kernels == "compiled" else torch.bfloat16)
+        assert spikes.dtype == (torch.float32 if kernels != "tensor-ops" else torch.bfloat16)
         assert set(spikes.unique().tolist()) <= {0.0, 1.0}
     out.pow(2).sum().backward()
     assert out.dtype == torch.float32 and torch.isfinite(net.conv.weight.grad).all()
@@ -290,3 +293,59 @@ def test_pooling_split_across_threads_is_exact(monkeypatch):
         assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def event_calls(monkeypatch):
+    """Counts the calls of the event-driven forward and weight gradient."""
+    calls = {"forward": 0, "weight_grad": 0}
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapper
+    monkeypatch.setattr(sl, "_event_current", counted("forward", sl._event_current))
+    monkeypatch.setattr(sl, "_event_weight_grad", counted("weight_grad", sl._event_weight_grad))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_event_driven_convolution_matches_dense(dtype, monkeypatch, event_calls):
+    """On events, a convolution's output, input gradient and weight gradient equal the dense
+    path's up to the order of summation: unit, dropout-scaled and signed spikes, any padding."""
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else TOL
+    for layer, shape in ((sl.Conv2d(3, 5, 3, padding=1), (3, 2, 3, 9, 9)),
+                         (sl.Conv2d(4, 6, 5, padding=2), (2, 3, 4, 7, 7)),
+                         (sl.Conv2d(3, 4, 3, padding=0), (2, 2, 3, 6, 6))):
+        layer = layer.to(dtype)
+        for x in (signed_spikes(shape, 0.05).abs(), signed_spikes(shape, 0.05).abs() / 0.7,
+                  signed_spikes(shape, 0.05)):
+            x = x.to(dtype)
+            results = []
+            for threshold in (0.0, 1.1):  # dense, then events
+                monkeypatch.setattr(sl, "EVENT_DENSITY", dict(forward=threshold, weight_grad=threshold))
+                xx = x.clone().requires_grad_()
+                y = sl.synapse(layer, xx)
+                g = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+                grads = torch.autograd.grad(y, (xx, layer.weight), g)
+                with torch.no_grad():
+                    results.append((y, sl.synapse(layer, x), *grads))
+            for dense, events in zip(*results):
+                torch.testing.assert_close(events, dense, **tol)
+    assert event_calls == {"forward": 18, "weight_grad": 9}, event_calls
+
+
+def test_event_path_is_taken_by_input_density(event_calls):
+    """Only sparse spikes into a stride-1 convolution on a CPU run on events: not dense ones, and
+    not Linear layers or strided convolutions, where events measured slower."""
+    conv, strided, fc = sl.Conv2d(4, 6, 3, padding=1), sl.Conv2d(4, 6, 3, stride=2, padding=1), sl.Linear(256, 5)
+    sparse = signed_spikes((5, 2, 4, 8, 8), rate=0.01).abs().float().requires_grad_()
+    assert 0 < sparse.count_nonzero() < sl.EVENT_DENSITY["weight_grad"] * sparse.numel()
+    dense = signed_spikes((5, 2, 4, 8, 8), rate=0.3).abs().float().requires_grad_()
+    sl.synapse(conv, sparse).sum().backward()
+    assert event_calls == {"forward": 1, "weight_grad": 1}
+    sl.synapse(conv, dense).sum().backward()
+    sl.synapse(strided, sparse).sum().backward()
+    sl.synapse(fc, sparse.flatten(2)).sum().backward()
+    assert event_calls == {"forward": 1, "weight_grad": 1}

@@ -3,11 +3,12 @@ training code (the leak-aware gradient, summed squared error, SGD), then evaluat
 2,000 test images. A negative control with the spike function's gradient forced to zero shows
 that the accuracy bar can fail.
 
-Settings, chosen to fit CI's 2 cores in a few minutes: the first 10,000 training images, 2 epochs,
+Settings, chosen to fit CI's 2 cores in a few minutes: the first 10,000 training images, 3 epochs,
 T = 16, batch 32, lr 0.0085 (the paper's) with momentum 0.5 (the paper's 0 needs more images:
-78.9 % after 2 epochs of 6,000). Measured here: 78.8 % after the first epoch, 81.0 % after the
-second (`python mnist_LeNet.py --dataset fashion-mnist --epochs 2 -b 32 --time-steps 16
---limit-train 10000 --momentum 0.5 --limit-val 2000`).
+78.9 % after 2 epochs of 6,000). Measured here: 77.2 / 80.35 / 84.45 % after epochs 1 / 2 / 3
+(`python mnist_LeNet.py --dataset fashion-mnist --epochs 3 -b 32 --time-steps 16
+--limit-train 10000 --momentum 0.5 --limit-val 2000`); a change of summation order alone (the
+event-driven convolutions) moved epoch 2 from 81.0 to 80.35 %, hence the third epoch's margin.
 """
 import csv
 import os
@@ -37,15 +38,16 @@ def final_test_prec1(out_dir):
 
 
 def test_lenet_learns_fashion_mnist(fashion_mnist, tmp_path):
-    utils.main(LeNet, DEFAULTS, datasets=("mnist", "fashion-mnist"), argv=RUN + ["--epochs", "2"] + fashion_mnist)
+    utils.main(LeNet, DEFAULTS, datasets=("mnist", "fashion-mnist"), argv=RUN + ["--epochs", "3"] + fashion_mnist)
     assert final_test_prec1(tmp_path) >= 80.0
 
 
 def test_without_the_spike_gradient_it_does_not(fashion_mnist, tmp_path, monkeypatch):
     """∂o_t/∂U'_t forced to 0 in every LIF and pooling neuron: no hidden layer learns. The output
     layer fc1 is not behind a spike function, so it still learns a linear readout of the
-    untrained spiking features: 47.9 % after one epoch of 6,000 images, 51.0 % after two (not the
-    30 % the issue expected). One epoch here, to save CI time; the bar below is far from 80 %."""
+    untrained spiking features: 50.75 % after one epoch of these 10,000 images (47.9 % after one of
+    6,000, 51.0 % after two; not the 30 % the issue expected). One epoch here, to save CI time;
+    the bar below is far from 80 %."""
     monkeypatch.setattr(spiking_layers._Window, "slope", lambda self, *a: self.n.new_zeros(self.n.numel()))
     utils.main(LeNet, DEFAULTS, datasets=("mnist", "fashion-mnist"), argv=RUN + ["--epochs", "1"] + fashion_mnist)
     assert final_test_prec1(tmp_path) < 65.0

@@ -181,8 +181,8 @@ def _events_forward(lo, hi, q, w, out, stride, pad):
                     if v == 0:
                         continue
                     for kh in range(KH):
-                        ty = iy + pad - kh  # (written with the stride test first, numba
-                        if ty < 0 or ty % stride:  # vectorizes the row loops 2× better)
+                        ty = iy + pad - kh  # (with these stride tests, even for stride 1,
+                        if ty < 0 or ty % stride:  # numba vectorized the row loops 2× better)
                             continue
                         oy = ty // stride
                         if oy >= OH:
@@ -301,9 +301,10 @@ def _rows(weight):
 
 
 def _event_current(layer, q, s, weight):
-    x, rows, pad = q.flatten(0, 1), _rows(weight), layer.padding[0]
-    out = weight.new_empty(x.shape[0], weight.shape[0], *(n + 2 * pad - rows.shape[0] + 1 for n in x.shape[2:]))
-    _split(_events_forward, x.shape[0], x.numpy(), rows.numpy(), out.numpy(), 1, pad, grain=8)
+    x, rows, stride, pad = q.flatten(0, 1), _rows(weight), layer.stride[0], layer.padding[0]
+    size = [(n + 2 * pad - rows.shape[0]) // stride + 1 for n in x.shape[2:]]
+    out = weight.new_empty(x.shape[0], weight.shape[0], *size)
+    _split(_events_forward, x.shape[0], x.numpy(), rows.numpy(), out.numpy(), stride, pad, grain=8)
     return out if s.item() == 1.0 else out * s.to(out.dtype)
 
 
@@ -312,7 +313,8 @@ def _event_weight_grad(layer, q, s, weight, grad_current):
     g = grad_current.flatten(0, 1).to(weight.dtype).permute(0, 2, 3, 1).contiguous()  # (N, OH, OW, O)
     o, c, kh, kw = weight.shape
     rows = weight.new_zeros(kh, kw, c, o)
-    _split(_events_weight_grad, x.shape[1], x.numpy(), g.numpy(), rows.numpy(), 1, layer.padding[0], grain=1)
+    _split(_events_weight_grad, x.shape[1], x.numpy(), g.numpy(), rows.numpy(), layer.stride[0], layer.padding[0],
+           grain=1)
     grad_w = rows.permute(3, 2, 0, 1).contiguous()
     return grad_w if s.item() == 1.0 else grad_w * s.to(grad_w.dtype)
 

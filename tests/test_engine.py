@@ -336,6 +336,23 @@ def test_event_driven_convolution_matches_dense(dtype, monkeypatch, event_calls)
     assert event_calls == {"forward": 18, "weight_grad": 9}, event_calls
 
 
+def test_event_kernels_handle_stride_and_padding():
+    """The event kernels are general (stride, padding, kernel size), though only stride-1
+    convolutions are sent to them: same output and weight gradient as oneDNN's."""
+    for c, o, kernel, stride, pad in ((3, 5, 3, 2, 1), (4, 6, 1, 2, 0), (2, 3, 5, 3, 2), (3, 4, 3, 1, 0)):
+        layer = sl.Conv2d(c, o, kernel, stride=stride, padding=pad).double()
+        x = signed_spikes((2, 3, c, 9, 9), rate=0.2)
+        q, s = x.to(torch.int8), torch.tensor(1.5, dtype=torch.float64)
+        w = layer.weight.detach()
+        out = sl._event_current(layer, q, s, w)
+        ref = torch.nn.functional.conv2d(x.flatten(0, 1) * 1.5, w, None, stride, pad)
+        torch.testing.assert_close(out, ref, **TOL)
+        g = torch.randn(2, 3, *ref.shape[1:], dtype=torch.float64)
+        ref_w = torch.ops.aten.convolution_backward(g.flatten(0, 1), x.flatten(0, 1) * 1.5, w, None, [stride] * 2,
+                                                    [pad] * 2, [1, 1], False, [0, 0], 1, [False, True, False])[1]
+        torch.testing.assert_close(sl._event_weight_grad(layer, q, s, w, g), ref_w, **TOL)
+
+
 def test_event_path_is_taken_by_input_density(event_calls):
     """Only sparse spikes into a stride-1 convolution on a CPU run on events: not dense ones, and
     not Linear layers or strided convolutions, where events measured slower."""

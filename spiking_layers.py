@@ -249,8 +249,9 @@ def _events_weight_grad(lo, hi, q, g, dw, stride, pad):
 
 # Input densities (spikes per input per step) below which a CPU convolution runs on events: its
 # output, and its weight gradient. `python benchmarks/bench_events.py` on our 2-core machine put
-# the crossovers at 7–15 % for the output and 6–15 % for the weight gradient (LeNet, VGG9 and
-# ResNet11 layers); at 2 % events were 2.2–3.1× and 1.3–2.7× faster.
+# the crossovers against float32 oneDNN at 8–14 % for the output and 5–15 % for the weight
+# gradient (LeNet, VGG9 and ResNet11 layers; LeNet's cnn2 lowest); at 2 % events were 1.7–2.9×
+# and 1.3–2.8× faster.
 EVENT_DENSITY = dict(forward=0.08, weight_grad=0.05)
 
 
@@ -326,7 +327,8 @@ def _current(layer, spike_seq, weight, pack=True):
     if pack or _event_layer(layer, weight):
         q, s, events = _pack(spike_seq)
         if events is not None and _event_layer(layer, weight):
-            density = events / max(q.numel(), 1)
+            # under bf16 autocast the dense kernels run ~1.8× faster: halve the crossovers
+            density = events / max(q.numel(), 1) * (2 if torch.is_autocast_enabled("cpu") else 1)
     if density is not None and density < EVENT_DENSITY["forward"]:
         current = _event_current(layer, q, s, weight)
     else:
@@ -345,13 +347,16 @@ class _Synapse(torch.autograd.Function):
         ctx.save_for_backward(q, weight)
         ctx.scale, ctx.layer = s, layer
         ctx.events = density is not None and density < EVENT_DENSITY["weight_grad"]
-        ctx.in_dtype, ctx.compute_dtype = spike_seq.dtype, current.dtype
+        ctx.in_dtype = spike_seq.dtype
+        # the dtype of the dense kernels, also when this forward ran on events: bf16 under autocast
+        ctx.compute_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") and \
+            current.device.type == "cpu" else current.dtype
         return current
 
     @staticmethod
     def backward(ctx, grad_current):
         q, weight = ctx.saved_tensors
-        dtype, layer = ctx.compute_dtype, ctx.layer  # under autocast a dense forward ran in bf16
+        dtype, layer = ctx.compute_dtype, ctx.layer
         need_x, need_w = ctx.needs_input_grad[:2]
         dense_w = need_w and not ctx.events
         g = grad_current.flatten(0, 1).to(dtype)

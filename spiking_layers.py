@@ -69,6 +69,11 @@ def _cpu_kernel(fn):
     return numba.njit(cache=True, nogil=True)(fn) if numba is not None else fn
 
 
+def _cpu_helper(fn):
+    # inlined into the calling kernels (as a plain call, the event kernels ran 2–3× slower)
+    return numba.njit(inline="always", cache=True)(fn) if numba is not None else fn
+
+
 # unsigned loop indices: numba then skips the negative-index check and vectorizes (4× here)
 U64 = numba.uint64 if numba is not None else int
 BLOCK = 2048  # neurons per block: their state stays in L1 over a chunk's steps (2.5× here)
@@ -165,6 +170,27 @@ def _pack_cpu(lo, hi, x, q):
 # order of summation; the input gradient is always the dense one (oneDNN). Weights are laid out
 # (KH, KW, C, O), so that a spike's rows are contiguous.
 
+@_cpu_helper
+def _target(i, k, pad, stride, size):
+    """The output index that input index i reaches through kernel offset k, or -1."""
+    t = i + pad - k
+    if t < 0 or t % stride:
+        return -1
+    t //= stride
+    return t if t < size else -1
+
+
+@_cpu_helper
+def _add_signed(acc, row, sign):
+    """acc += row if sign > 0 else acc -= row (a branch per row, not a multiply per element)."""
+    if sign > 0:
+        for o in range(U64(acc.shape[0])):
+            acc[o] += row[o]
+    else:
+        for o in range(U64(acc.shape[0])):
+            acc[o] -= row[o]
+
+
 @_cpu_kernel
 def _events_forward(lo, hi, q, w, out, stride, pad):
     """out[n] (O, OH, OW) = Σ over the events of q[n] (C, H, W) of ±w rows, images lo..hi."""
@@ -181,26 +207,13 @@ def _events_forward(lo, hi, q, w, out, stride, pad):
                     if v == 0:
                         continue
                     for kh in range(KH):
-                        ty = iy + pad - kh  # (with these stride tests, even for stride 1,
-                        if ty < 0 or ty % stride:  # numba vectorized the row loops 2× better)
-                            continue
-                        oy = ty // stride
-                        if oy >= OH:
+                        oy = _target(iy, kh, pad, stride, OH)
+                        if oy < 0:
                             continue
                         for kw in range(KW):
-                            tx = ix + pad - kw
-                            if tx < 0 or tx % stride:
-                                continue
-                            ox = tx // stride
-                            if ox >= OW:
-                                continue
-                            a, r = acc[oy, ox], w[kh, kw, c]
-                            if v > 0:
-                                for o in range(U64(O)):
-                                    a[o] += r[o]
-                            else:
-                                for o in range(U64(O)):
-                                    a[o] -= r[o]
+                            ox = _target(ix, kw, pad, stride, OW)
+                            if ox >= 0:
+                                _add_signed(acc[oy, ox], w[kh, kw, c], v)
         for o in range(O):
             for oy in range(OH):
                 for ox in range(OW):
@@ -212,7 +225,7 @@ def _events_weight_grad(lo, hi, q, g, dw, stride, pad):
     """dw[:, :, c] (KH, KW, O) = Σ over the events of q at channel c of ±g rows, channels lo..hi.
     g: ∂L/∂I as (N, OH, OW, O)."""
     N, H, W = q.shape[0], q.shape[2], q.shape[3]
-    KH, KW, O = dw.shape[0], dw.shape[1], dw.shape[3]
+    KH, KW = dw.shape[0], dw.shape[1]
     OH, OW = g.shape[1], g.shape[2]
     for n in range(N):  # images outer: an image's gradient stays in cache over the channels
         for c in range(lo, hi):
@@ -222,26 +235,13 @@ def _events_weight_grad(lo, hi, q, g, dw, stride, pad):
                     if v == 0:
                         continue
                     for kh in range(KH):
-                        ty = iy + pad - kh
-                        if ty < 0 or ty % stride:
-                            continue
-                        oy = ty // stride
-                        if oy >= OH:
+                        oy = _target(iy, kh, pad, stride, OH)
+                        if oy < 0:
                             continue
                         for kw in range(KW):
-                            tx = ix + pad - kw
-                            if tx < 0 or tx % stride:
-                                continue
-                            ox = tx // stride
-                            if ox >= OW:
-                                continue
-                            d, r = dw[kh, kw, c], g[n, oy, ox]
-                            if v > 0:
-                                for o in range(U64(O)):
-                                    d[o] += r[o]
-                            else:
-                                for o in range(U64(O)):
-                                    d[o] -= r[o]
+                            ox = _target(ix, kw, pad, stride, OW)
+                            if ox >= 0:
+                                _add_signed(dw[kh, kw, c], g[n, oy, ox], v)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,9 +249,8 @@ def _events_weight_grad(lo, hi, q, g, dw, stride, pad):
 
 # Input densities (spikes per input per step) below which a CPU convolution runs on events: its
 # output, and its weight gradient. `python benchmarks/bench_events.py` on our 2-core machine put
-# the crossovers against float32 oneDNN at 8–14 % for the output and 5–15 % for the weight
-# gradient (LeNet, VGG9 and ResNet11 layers; LeNet's cnn2 lowest); at 2 % events were 1.7–2.9×
-# and 1.3–2.8× faster.
+# the crossovers against float32 oneDNN at about 9–15 % for the output and 5–15 % for the weight
+# gradient (LeNet, VGG9 and ResNet11 layers); at 2 % events were 1.7–2.7× and 1.3–2.7× faster.
 EVENT_DENSITY = dict(forward=0.08, weight_grad=0.05)
 
 
@@ -273,11 +272,15 @@ def _pack(spike_seq):
     return spike_seq, None, None
 
 
-def _unpack(q, s, dtype):
-    x = q.to(dtype)
-    if s is None or (s.device.type == "cpu" and s.item() == 1.0):  # (no GPU sync for the test)
+def _scaled(x, s):
+    """x · s, skipping the pass for unit spikes (tested on a CPU only: no GPU sync)."""
+    if s is None or (s.device.type == "cpu" and s.item() == 1.0):
         return x
-    return x * s.to(dtype)
+    return x * s.to(x.dtype)
+
+
+def _unpack(q, s, dtype):
+    return _scaled(q.to(dtype), s)
 
 
 def _event_layer(layer, weight):
@@ -306,7 +309,7 @@ def _event_current(layer, q, s, weight):
     size = [(n + 2 * pad - rows.shape[0]) // stride + 1 for n in x.shape[2:]]
     out = weight.new_empty(x.shape[0], weight.shape[0], *size)
     _split(_events_forward, x.shape[0], x.numpy(), rows.numpy(), out.numpy(), stride, pad, grain=8)
-    return out if s.item() == 1.0 else out * s.to(out.dtype)
+    return _scaled(out, s)
 
 
 def _event_weight_grad(layer, q, s, weight, grad_current):
@@ -316,17 +319,17 @@ def _event_weight_grad(layer, q, s, weight, grad_current):
     rows = weight.new_zeros(kh, kw, c, o)
     _split(_events_weight_grad, x.shape[1], x.numpy(), g.numpy(), rows.numpy(), layer.stride[0], layer.padding[0],
            grain=1)
-    grad_w = rows.permute(3, 2, 0, 1).contiguous()
-    return grad_w if s.item() == 1.0 else grad_w * s.to(grad_w.dtype)
+    return _scaled(rows.permute(3, 2, 0, 1).contiguous(), s)
 
 
 def _current(layer, spike_seq, weight, pack=True):
     """I = layer(s) over a chunk (k, B, ...), on events where the input is sparse spikes on a CPU.
     Also returns the packed input (q, s) for backward and its density (None unless counted)."""
     q = s = density = None
-    if pack or _event_layer(layer, weight):
+    on_events = _event_layer(layer, weight)
+    if pack or on_events:
         q, s, events = _pack(spike_seq)
-        if events is not None and _event_layer(layer, weight):
+        if events is not None and on_events:
             # under bf16 autocast the dense kernels run ~1.8× faster: halve the crossovers
             density = events / max(q.numel(), 1) * (2 if torch.is_autocast_enabled("cpu") else 1)
     if density is not None and density < EVENT_DENSITY["forward"]:
@@ -359,18 +362,19 @@ class _Synapse(torch.autograd.Function):
         dtype, layer = ctx.compute_dtype, ctx.layer
         need_x, need_w = ctx.needs_input_grad[:2]
         dense_w = need_w and not ctx.events
-        g = grad_current.flatten(0, 1).to(dtype)
-        w = weight.to(dtype)
-        x = _unpack(q, ctx.scale, dtype).flatten(0, 1) if dense_w else None
         grad_x = grad_w = None
-        if isinstance(layer, nn.Conv2d) and (need_x or dense_w):
-            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                g, x if dense_w else torch.empty((), dtype=dtype).expand(g.shape[0], *q.shape[2:]),  # shape only
-                w, None, layer.stride, layer.padding, layer.dilation, False, [0, 0], layer.groups,
-                [need_x, dense_w, False])
-        elif isinstance(layer, nn.Linear):
-            grad_x = g @ w if need_x else None
-            grad_w = g.t() @ x if dense_w else None
+        if need_x or dense_w:
+            g = grad_current.flatten(0, 1).to(dtype)
+            w = weight.to(dtype)
+            x = _unpack(q, ctx.scale, dtype).flatten(0, 1) if dense_w else None
+            if isinstance(layer, nn.Conv2d):
+                grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                    g, x if dense_w else torch.empty((), dtype=dtype).expand(g.shape[0], *q.shape[2:]),  # shape only
+                    w, None, layer.stride, layer.padding, layer.dilation, False, [0, 0], layer.groups,
+                    [need_x, dense_w, False])
+            else:
+                grad_x = g @ w if need_x else None
+                grad_w = g.t() @ x if dense_w else None
         if need_w and ctx.events:
             grad_w = _event_weight_grad(layer, q, ctx.scale, weight, grad_current)
         if grad_x is not None:

@@ -57,7 +57,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default: %(default)s)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
-    saved, rows = sl.EVENT_DENSITY, []
+    saved, rows = sl.EVENT_DENSITY, harness.Rows(args.json)
     try:
         for name in args.layers.split(","):
             for density in map(float, args.densities.split(",")):
@@ -66,15 +66,10 @@ def main():
                     t = harness.alternate({"dense": dense, "events": events}, args.rounds, torch.device("cpu"))
                     row[f"{op}_dense_ms"], row[f"{op}_events_ms"] = 1e3 * t["dense"], 1e3 * t["events"]
                     row[f"{op}_speedup"] = t["dense"] / t["events"]
-                rows.append(row)
-                if not args.json:
-                    harness.report([row], False)
+                rows.add(row)
     finally:
         sl.EVENT_DENSITY = saved
-    if args.json:
-        harness.report([dict(machine=harness.machine())] + rows, True)
-    else:
-        print("machine:", harness.machine())
+    rows.finish()
 
 
 if __name__ == "__main__":

@@ -114,7 +114,7 @@ def main():
         print(harness.peak_memory(make_step(name, impl, mode, **common)[0], device, tiny))
         return
 
-    rows = []
+    rows = harness.Rows(args.json)
     for name in args.models.split(","):
         for mode in args.modes.split(","):
             steps = {impl: make_step(name, impl, mode, **common) for impl in ("engine", "reference")}
@@ -133,13 +133,8 @@ def main():
                 row.update(engine_peak=harness.fmt_bytes(mem["engine"]),
                            reference_peak=harness.fmt_bytes(mem["reference"]),
                            memory_ratio=mem["engine"] / mem["reference"])
-            rows.append(row)
-            if not args.json:
-                harness.report([row], False)
-    if args.json:
-        harness.report([dict(machine=harness.machine())] + rows, True)
-    else:
-        print("machine:", harness.machine())
+            rows.add(row)
+    rows.finish()
 
 
 if __name__ == "__main__":

@@ -84,6 +84,25 @@ def report(rows, as_json):
         print("  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 
 
+class Rows:
+    """Benchmark results: printed one per line as they come, or as one JSON list at the end;
+    either way followed by the machine they ran on."""
+
+    def __init__(self, as_json):
+        self.as_json, self.rows = as_json, []
+
+    def add(self, row):
+        self.rows.append(row)
+        if not self.as_json:
+            report([row], False)
+
+    def finish(self):
+        if self.as_json:
+            report([dict(machine=machine())] + self.rows, True)
+        else:
+            print("machine:", machine())
+
+
 def machine():
     cpu = "?"
     try:

@@ -128,12 +128,13 @@ def _backprop_cpu(lo, hi, grad_spikes, fired, slope, carry, grad_current):
 
 @_cpu_kernel
 def _pool_cpu(lo, hi, x, out):
-    """out = 2×2 average of x, (M, H, W) -> (M, H/2, W/2), for maps lo..hi."""
+    """out = 2×2 average of x, (M, H, W, C) -> (M, H/2, W/2, C), for images lo..hi."""
     for m in range(U64(lo), U64(hi)):
         for h in range(out.shape[1]):
             for w in range(out.shape[2]):
-                out[m, h, w] = (x[m, 2 * h, 2 * w] + x[m, 2 * h, 2 * w + 1]
-                                + x[m, 2 * h + 1, 2 * w] + x[m, 2 * h + 1, 2 * w + 1]) * 0.25
+                for c in range(U64(out.shape[3])):
+                    out[m, h, w, c] = (x[m, 2 * h, 2 * w, c] + x[m, 2 * h, 2 * w + 1, c]
+                                       + x[m, 2 * h + 1, 2 * w, c] + x[m, 2 * h + 1, 2 * w + 1, c]) * 0.25
 
 
 @_cpu_kernel
@@ -142,11 +143,12 @@ def _unpool_cpu(lo, hi, g, out):
     for m in range(U64(lo), U64(hi)):
         for h in range(g.shape[1]):
             for w in range(g.shape[2]):
-                q = g[m, h, w] * 0.25
-                out[m, 2 * h, 2 * w] = q
-                out[m, 2 * h, 2 * w + 1] = q
-                out[m, 2 * h + 1, 2 * w] = q
-                out[m, 2 * h + 1, 2 * w + 1] = q
+                for c in range(U64(g.shape[3])):
+                    q = g[m, h, w, c] * 0.25
+                    out[m, 2 * h, 2 * w, c] = q
+                    out[m, 2 * h, 2 * w + 1, c] = q
+                    out[m, 2 * h + 1, 2 * w, c] = q
+                    out[m, 2 * h + 1, 2 * w + 1, c] = q
 
 
 @_cpu_kernel
@@ -167,8 +169,8 @@ def _pack_cpu(lo, hi, x, q):
 # its output and for its weight gradient (∂L/∂w is a sum over the input's spikes). A trained
 # network fires at 1–5 % per step, where this beats the dense kernels; a fresh one on dense input
 # fires more, and the dense path is taken (EVENT_DENSITY). The results are the same up to the
-# order of summation; the input gradient is always the dense one (oneDNN). Weights are laid out
-# (KH, KW, C, O), so that a spike's rows are contiguous.
+# order of summation; the input gradient is always the dense one (oneDNN). Spikes and currents are
+# channels-last, and weights are laid out (KH, KW, C, O), so that a spike's rows are contiguous.
 
 @_cpu_helper
 def _target(i, k, pad, stride, size):
@@ -193,17 +195,16 @@ def _add_signed(acc, row, sign):
 
 @_cpu_kernel
 def _events_forward(lo, hi, q, w, out, stride, pad):
-    """out[n] (O, OH, OW) = Σ over the events of q[n] (C, H, W) of ±w rows, images lo..hi."""
-    C, H, W = q.shape[1], q.shape[2], q.shape[3]
-    KH, KW, O = w.shape[0], w.shape[1], w.shape[3]
-    OH, OW = out.shape[2], out.shape[3]
-    acc = np.empty((OH, OW, O), w.dtype)
+    """out[n] (OH, OW, O) = Σ over the events of q[n] (H, W, C) of ±w rows, images lo..hi."""
+    H, W, C = q.shape[1], q.shape[2], q.shape[3]
+    KH, KW = w.shape[0], w.shape[1]
+    OH, OW = out.shape[1], out.shape[2]
     for n in range(lo, hi):
-        acc[:] = 0
-        for c in range(C):
-            for iy in range(H):
-                for ix in range(W):
-                    v = q[n, c, iy, ix]
+        out[n] = 0
+        for iy in range(H):
+            for ix in range(W):
+                for c in range(C):
+                    v = q[n, iy, ix, c]
                     if v == 0:
                         continue
                     for kh in range(KH):
@@ -213,25 +214,21 @@ def _events_forward(lo, hi, q, w, out, stride, pad):
                         for kw in range(KW):
                             ox = _target(ix, kw, pad, stride, OW)
                             if ox >= 0:
-                                _add_signed(acc[oy, ox], w[kh, kw, c], v)
-        for o in range(O):
-            for oy in range(OH):
-                for ox in range(OW):
-                    out[n, o, oy, ox] = acc[oy, ox, o]
+                                _add_signed(out[n, oy, ox], w[kh, kw, c], v)
 
 
 @_cpu_kernel
 def _events_weight_grad(lo, hi, q, g, dw, stride, pad):
-    """dw[:, :, c] (KH, KW, O) = Σ over the events of q at channel c of ±g rows, channels lo..hi.
-    g: ∂L/∂I as (N, OH, OW, O)."""
-    N, H, W = q.shape[0], q.shape[2], q.shape[3]
+    """dw[:, :, c] (KH, KW, O) = Σ over the events of q (N, H, W, C) at channel c of ±g rows,
+    channels lo..hi. g: ∂L/∂I as (N, OH, OW, O)."""
+    N, H, W = q.shape[0], q.shape[1], q.shape[2]
     KH, KW = dw.shape[0], dw.shape[1]
     OH, OW = g.shape[1], g.shape[2]
     for n in range(N):  # images outer: an image's gradient stays in cache over the channels
-        for c in range(lo, hi):
-            for iy in range(H):
-                for ix in range(W):
-                    v = q[n, c, iy, ix]
+        for iy in range(H):
+            for ix in range(W):
+                for c in range(lo, hi):
+                    v = q[n, iy, ix, c]
                     if v == 0:
                         continue
                     for kh in range(KH):
@@ -242,6 +239,47 @@ def _events_weight_grad(lo, hi, q, g, dw, stride, pad):
                             ox = _target(ix, kw, pad, stride, OW)
                             if ox >= 0:
                                 _add_signed(dw[kh, kw, c], g[n, oy, ox], v)
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory layout. On a CPU, convolutions run on channels-last tensors (N, H, W, C in memory): oneDNN
+# ran LeNet's and VGG9's convolutions up to ~2× faster so than on NCHW ones (PERF-NOTES). Their
+# currents keep that layout, and so do the neurons fed by them and their spikes: the neuron and
+# pooling loops walk memory order, whatever the layout, so no layer ever transposes a chunk.
+
+def channels_last(x):
+    """(N, C, H, W) in channels-last memory order. With C = 1 both orders are the same memory;
+    only strides that say so make oneDNN return a channels-last output."""
+    if x.shape[1] == 1 and x.is_contiguous():
+        return x.view(x.shape[0], *x.shape[2:], 1).permute(0, 3, 1, 2)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def _is_channels_last(x):
+    """Whether (..., C, H, W) lies in memory as (..., H, W, C) (and not, ambiguously, also as is)."""
+    return x.dim() >= 4 and not x.is_contiguous() and x.movedim(-3, -1).is_contiguous()
+
+
+def _memory_order(x, channels_last):
+    """x (..., C, H, W) with its dims in memory order: (..., H, W, C) if channels_last."""
+    return x.movedim(-3, -1) if channels_last else x
+
+
+def _logical_order(x, channels_last):
+    return x.movedim(-1, -3) if channels_last else x
+
+
+def _flat(x):
+    """The elements of x in memory order, as a flat view (x contiguous or channels-last)."""
+    return _memory_order(x, _is_channels_last(x)).view(-1)
+
+
+def _images(x, channels_last):
+    """(N, C, H, W) as a (M, H, W, C') view in memory order: (N, H, W, C) if channels-last, else
+    (N·C, H, W, 1) — the pooling loops then serve both layouts."""
+    if channels_last:
+        return x.permute(0, 2, 3, 1)
+    return x.view(-1, 1, *x.shape[2:]).permute(0, 2, 3, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,10 +295,12 @@ EVENT_DENSITY = dict(forward=0.08, weight_grad=0.05)
 def _pack(spike_seq):
     """Spike chunks hold only 0 and ±s (s = 1, or the dropout scale 1/(1-p)): keep them in one
     byte plus the scalar s, and (on a CPU) count the events. Anything else (graded event data) is
-    kept as it is, exactly. Returns (q, s or None, events or None)."""
+    kept as it is, exactly. Returns (q, s or None, events or None); q has the layout of spike_seq."""
     if _use_cpu_kernels(spike_seq):
-        q = torch.empty(spike_seq.shape, dtype=torch.int8)
-        parts = _split(_pack_cpu, q.numel(), spike_seq.contiguous().view(-1).numpy(), q.view(-1).numpy())
+        if not (spike_seq.is_contiguous() or _is_channels_last(spike_seq)):
+            spike_seq = spike_seq.contiguous()
+        q = torch.empty_like(spike_seq, dtype=torch.int8)
+        parts = _split(_pack_cpu, q.numel(), _flat(spike_seq).numpy(), _flat(q).numpy())
         largest, smallest = max(p[0] for p in parts), min(p[1] for p in parts)
         if largest in (0.0, smallest):
             return q, spike_seq.new_tensor(largest), sum(p[2] for p in parts)
@@ -305,37 +345,43 @@ def _rows(weight):
 
 
 def _event_current(layer, q, s, weight):
-    x, rows, stride, pad = q.flatten(0, 1), _rows(weight), layer.stride[0], layer.padding[0]
+    """layer(q · s) on events. q: (..., C, H, W) int8 spikes; returns (N, O, OH, OW), channels-last."""
+    x, rows, stride, pad = channels_last(q.flatten(0, -4)), _rows(weight), layer.stride[0], layer.padding[0]
     size = [(n + 2 * pad - rows.shape[0]) // stride + 1 for n in x.shape[2:]]
-    out = weight.new_empty(x.shape[0], weight.shape[0], *size)
-    _split(_events_forward, x.shape[0], x.numpy(), rows.numpy(), out.numpy(), stride, pad, grain=8)
+    out = torch.empty(x.shape[0], weight.shape[0], *size, dtype=weight.dtype, memory_format=torch.channels_last)
+    _split(_events_forward, x.shape[0], x.permute(0, 2, 3, 1).numpy(), rows.numpy(), out.permute(0, 2, 3, 1).numpy(),
+           stride, pad, grain=8)
     return _scaled(out, s)
 
 
 def _event_weight_grad(layer, q, s, weight, grad_current):
-    x = q.flatten(0, 1)
-    g = grad_current.flatten(0, 1).to(weight.dtype).permute(0, 2, 3, 1).contiguous()  # (N, OH, OW, O)
+    """∂L/∂w on events: q (..., C, H, W) int8 spikes, grad_current (..., O, OH, OW) = ∂L/∂I."""
+    x = channels_last(q.flatten(0, -4)).permute(0, 2, 3, 1)
+    g = channels_last(grad_current.flatten(0, -4).to(weight.dtype)).permute(0, 2, 3, 1)  # (N, OH, OW, O)
     o, c, kh, kw = weight.shape
     rows = weight.new_zeros(kh, kw, c, o)
-    _split(_events_weight_grad, x.shape[1], x.numpy(), g.numpy(), rows.numpy(), layer.stride[0], layer.padding[0],
-           grain=1)
+    _split(_events_weight_grad, c, x.numpy(), g.numpy(), rows.numpy(), layer.stride[0], layer.padding[0], grain=1)
     return _scaled(rows.permute(3, 2, 0, 1).contiguous(), s)
 
 
 def _current(layer, spike_seq, weight, pack=True):
     """I = layer(s) over a chunk (k, B, ...), on events where the input is sparse spikes on a CPU.
-    Also returns the packed input (q, s) for backward and its density (None unless counted)."""
+    Also returns the packed input (q, s) of the k·B images for backward, and its density (None
+    unless counted)."""
+    x = spike_seq.flatten(0, 1)
+    if isinstance(layer, nn.Conv2d) and x.device.type == "cpu":
+        x = channels_last(x)
     q = s = density = None
     on_events = _event_layer(layer, weight)
     if pack or on_events:
-        q, s, events = _pack(spike_seq)
+        q, s, events = _pack(x)
         if events is not None and on_events:
             # under bf16 autocast the dense kernels run ~1.8× faster: halve the crossovers
             density = events / max(q.numel(), 1) * (2 if torch.is_autocast_enabled("cpu") else 1)
     if density is not None and density < EVENT_DENSITY["forward"]:
         current = _event_current(layer, q, s, weight)
     else:
-        current = _per_image(layer, spike_seq.flatten(0, 1), weight)
+        current = _per_image(layer, x, weight)
     return current.unflatten(0, spike_seq.shape[:2]), q, s, density
 
 
@@ -348,7 +394,7 @@ class _Synapse(torch.autograd.Function):
     def forward(ctx, spike_seq, weight, layer):
         current, q, s, density = _current(layer, spike_seq, weight)
         ctx.save_for_backward(q, weight)
-        ctx.scale, ctx.layer = s, layer
+        ctx.scale, ctx.layer, ctx.chunk = s, layer, spike_seq.shape[:2]
         ctx.events = density is not None and density < EVENT_DENSITY["weight_grad"]
         ctx.in_dtype = spike_seq.dtype
         # the dtype of the dense kernels, also when this forward ran on events: bf16 under autocast
@@ -366,10 +412,12 @@ class _Synapse(torch.autograd.Function):
         if need_x or dense_w:
             g = grad_current.flatten(0, 1).to(dtype)
             w = weight.to(dtype)
-            x = _unpack(q, ctx.scale, dtype).flatten(0, 1) if dense_w else None
+            x = _unpack(q, ctx.scale, dtype) if dense_w else None
             if isinstance(layer, nn.Conv2d):
+                if _is_channels_last(g):  # the kernels follow the input's or the weight's layout
+                    w = w.contiguous(memory_format=torch.channels_last)
                 grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                    g, x if dense_w else torch.empty((), dtype=dtype).expand(g.shape[0], *q.shape[2:]),  # shape only
+                    g, x if dense_w else torch.empty((), dtype=dtype).expand(q.shape),  # shape only
                     w, None, layer.stride, layer.padding, layer.dilation, False, [0, 0], layer.groups,
                     [need_x, dense_w, False])
             else:
@@ -378,7 +426,7 @@ class _Synapse(torch.autograd.Function):
         if need_w and ctx.events:
             grad_w = _event_weight_grad(layer, q, ctx.scale, weight, grad_current)
         if grad_x is not None:
-            grad_x = grad_x.unflatten(0, q.shape[:2]).to(ctx.in_dtype)
+            grad_x = grad_x.unflatten(0, ctx.chunk).to(ctx.in_dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_x, grad_w, None
@@ -418,33 +466,42 @@ class Linear(nn.Linear):
 
 
 def _maps(x):
-    """Maps (M, H, W) per thread: as many pixels as _split's elementwise loops take."""
-    return max(1, 32768 // (x.shape[1] * x.shape[2]))
+    """Images (M, H, W, C) per thread: as many pixels as _split's elementwise loops take."""
+    return max(1, 32768 // (x.shape[1] * x.shape[2] * x.shape[3]))
+
+
+def _pool_images(kernel, x, out_size, channels_last):
+    """Runs a 2×2 pooling loop from x (N, C, H, W) to a new (N, C, *out_size), both in one layout."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty(*x.shape[:2], *out_size, dtype=x.dtype, memory_format=layout)
+    x, o = _images(x, channels_last), _images(out, channels_last)
+    _split(kernel, x.shape[0], x.numpy(), o.numpy(), grain=_maps(x if x.shape[1] > o.shape[1] else o))
+    return out
 
 
 class _AvgPool2x2(torch.autograd.Function):
-    """2×2 average pooling of a (k, B, C, H, W) chunk. Backward needs no saved input (the
-    gradient is 1/4 everywhere), whereas autograd's avg_pool2d would keep the float spikes."""
+    """2×2 average pooling of a (k, B, C, H, W) chunk, in its layout. Backward needs no saved
+    input (the gradient is 1/4 everywhere), whereas autograd's avg_pool2d would keep the spikes."""
 
     @staticmethod
     def forward(ctx, spike_seq):
-        x = spike_seq.flatten(0, -3)                                    # (k·B·C, H, W)
+        x = spike_seq.flatten(0, 1)                                     # (k·B, C, H, W)
         if _use_cpu_kernels(x):
-            out = x.new_empty(x.shape[0], x.shape[1] // 2, x.shape[2] // 2)
-            _split(_pool_cpu, x.shape[0], x.contiguous().numpy(), out.numpy(), grain=_maps(x))
+            cl = _is_channels_last(x)
+            out = _pool_images(_pool_cpu, x if cl else x.contiguous(), (x.shape[2] // 2, x.shape[3] // 2), cl)
         else:
             out = F.avg_pool2d(x, 2)
-        return out.view(*spike_seq.shape[:-2], *out.shape[-2:])
+        return out.unflatten(0, spike_seq.shape[:2])
 
     @staticmethod
     def backward(ctx, grad):
-        g = grad.flatten(0, -3)
+        g = grad.flatten(0, 1)
         if _use_cpu_kernels(g):
-            out = g.new_empty(g.shape[0], 2 * g.shape[1], 2 * g.shape[2])
-            _split(_unpool_cpu, g.shape[0], g.contiguous().numpy(), out.numpy(), grain=_maps(out))
+            cl = _is_channels_last(g)
+            out = _pool_images(_unpool_cpu, g if cl else g.contiguous(), (2 * g.shape[2], 2 * g.shape[3]), cl)
         else:
             out = (g * 0.25).repeat_interleave(2, -1).repeat_interleave(2, -2)
-        return out.view(*grad.shape[:-2], *out.shape[-2:])
+        return out.unflatten(0, grad.shape[:2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,38 +509,44 @@ class _AvgPool2x2(torch.autograd.Function):
 
 def _fire(current_seq, u, window, v_th, leak, leaky_sum):
     """Steps 2–5 over a chunk (k, B, ...). Returns the spikes as bool (kept for backward) and as
-    floats for the next layer, and the new membrane (B, ...). Under bf16 autocast the float
-    spikes are bf16 on a GPU, but stay float32 on a CPU, where the compiled pooling and packing
-    loops read them (numba has no bf16); a convolution casts them exactly (they are 0 and 1)."""
-    k, shape = current_seq.shape[0], current_seq.shape
-    current = current_seq.reshape(k, -1).to(u.dtype)  # bf16 currents: fp32 membrane arithmetic
-    u = u.reshape(-1).clone()
+    floats for the next layer, and the new membrane (B, ...), all in the membrane's layout. Under
+    bf16 autocast the float spikes are bf16 on a GPU, but stay float32 on a CPU, where the compiled
+    pooling and packing loops read them (numba has no bf16); a convolution casts them exactly."""
+    k, cl = current_seq.shape[0], _is_channels_last(u)
+    shape = _memory_order(u, cl).shape
+    current = _memory_order(current_seq, cl).reshape(k, -1).to(u.dtype)  # bf16 currents: fp32 membranes
+    u = _memory_order(u, cl).reshape(-1).clone()
+    lf, n = _flat(window.lf), _flat(window.n)
     fired = torch.empty(current.shape, dtype=torch.bool, device=u.device)
     if _use_cpu_kernels(u):
         out = torch.empty(current.shape, dtype=u.dtype)
         _split(_fire_cpu, u.numel(), current.contiguous().numpy(), u.numpy(), fired.numpy(), out.numpy(),
-               window.lf.view(-1).numpy(), window.n.view(-1).numpy(), v_th, leak, leaky_sum)
+               lf.numpy(), n.numpy(), v_th, leak, leaky_sum)
     else:
         for t in range(k):
             u += current[t]                      # step 2: integrate
             torch.gt(u, v_th, out=fired[t])      # step 3: fire, strictly above threshold
             u.masked_fill_(fired[t], 0.0)        # step 4: hard reset
             u *= leak                            # step 5: leak
-            window.n.view(-1).add_(fired[t])
+            n.add_(fired[t])
             if leaky_sum:
-                window.lf.view(-1).mul_(leak).add_(fired[t])
+                lf.mul_(leak).add_(fired[t])
         out = fired.to(current_seq.dtype)
     window.steps += k
-    return fired.view(shape), out.view(shape), u.view(shape[1:])
+    return (_logical_order(fired.view(k, *shape), cl), _logical_order(out.view(k, *shape), cl),
+            _logical_order(u.view(shape), cl))
 
 
 def _backprop(grad_spikes, fired, slope, grad_u):
-    """The backward recursion over a chunk; returns ∂L/∂I (k, B, ...) and gU' at its first step."""
-    k, shape = fired.shape[0], fired.shape
-    g = grad_spikes.reshape(k, -1).to(slope.dtype)
-    carry = torch.zeros_like(slope) if grad_u is None else grad_u.reshape(-1).to(slope.dtype).clone()
+    """The backward recursion over a chunk; returns ∂L/∂I (k, B, ...) and gU' at its first step,
+    in the layout of the spikes."""
+    k, cl = fired.shape[0], _is_channels_last(fired)
+    shape = _memory_order(fired, cl).shape[1:]
+    g = _memory_order(grad_spikes, cl).reshape(k, -1).to(slope.dtype)
+    carry = torch.zeros_like(slope) if grad_u is None else \
+        _memory_order(grad_u, cl).reshape(-1).to(slope.dtype, copy=True)
     grad_current = torch.empty(g.shape, dtype=slope.dtype, device=g.device)
-    fired = fired.view(k, -1)
+    fired = _memory_order(fired, cl).reshape(k, -1)
     if _use_cpu_kernels(g):
         _split(_backprop_cpu, carry.numel(), g.contiguous().numpy(), fired.numpy(), slope.numpy(),
                carry.numpy(), grad_current.numpy())
@@ -491,7 +554,7 @@ def _backprop(grad_spikes, fired, slope, grad_u):
         g = g * slope
         for t in range(k - 1, -1, -1):
             carry = torch.where(fired[t], g[t], carry, out=grad_current[t])
-    return grad_current.view(shape), carry.view(shape[1:])
+    return _logical_order(grad_current.view(k, *shape), cl), _logical_order(carry.view(shape), cl)
 
 
 def leak_correction(lf, n, leak):
@@ -516,9 +579,9 @@ class _Window:
         last chunk, so backward computes it (once per window)."""
         if self._slope is None:
             if leak_corrected:
-                self._slope = (leak_correction(self.lf, self.n, leak) / v_th).view(-1)
+                self._slope = _flat(leak_correction(self.lf, self.n, leak) / v_th)
             else:
-                self._slope = torch.ones_like(self.n).view(-1)
+                self._slope = _flat(torch.ones_like(self.n))
         return self._slope
 
     def G(self, leak):
@@ -573,7 +636,9 @@ class SpikingNeurons(nn.Module):
     def fire(self, current_seq):
         if self.u is None:  # the membrane is kept in at least float32, also under bf16 autocast
             dtype = torch.float64 if current_seq.dtype == torch.float64 else torch.float32
-            self.u = current_seq.new_zeros(current_seq.shape[1:], dtype=dtype)
+            cl = current_seq.dim() == 5 and _is_channels_last(current_seq[0])  # the layer keeps its input's layout
+            self.u = torch.zeros_like(current_seq[0], dtype=dtype,
+                                      memory_format=torch.channels_last if cl else torch.contiguous_format)
             self.window.start(self.u)
         if torch.is_grad_enabled() and current_seq.requires_grad:
             spikes, self.u = _Neuron.apply(current_seq, self.u, self.window, self.v_th, self.leak,

@@ -278,19 +278,24 @@ def test_amp_drift_from_float32_is_bounded():
 
 
 def test_pooling_split_across_threads_is_exact(monkeypatch):
-    """Large chunks are pooled by several threads, each over its own maps: the result must equal
-    avg_pool2d's and its gradient, to the bit."""
+    """Large chunks are pooled by several threads, each over its own images, in either layout: the
+    result must equal avg_pool2d's and its gradient, to the bit, and keep the input's layout."""
     monkeypatch.setattr(sl, "CPU_KERNELS", sl.numba is not None)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        x = signed_spikes((3, 8, 20, 28, 28)).float().requires_grad_()  # 480 maps of 28×28
-        assert 480 // sl._maps(x.flatten(0, -3)) >= 2, "too small to be split: the test would be vacuous"
-        y = sl._AvgPool2x2.apply(x)
-        ref = torch.nn.functional.avg_pool2d(x.flatten(0, 1), 2).view_as(y)
-        g = torch.randn_like(y)
-        assert torch.equal(y, ref)
-        assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+        spikes = signed_spikes((3, 8, 20, 28, 28)).float()  # 24 images of 20 maps of 28×28
+        for channels_last in (False, True):
+            x = (sl.channels_last(spikes.flatten(0, 1)).unflatten(0, (3, 8)) if channels_last else spikes)
+            x = x.detach().requires_grad_()
+            images = sl._images(x.flatten(0, 1), channels_last)
+            assert images.shape[0] // sl._maps(images) >= 2, "too small to be split: the test would be vacuous"
+            y = sl._AvgPool2x2.apply(x)
+            ref = torch.nn.functional.avg_pool2d(x.flatten(0, 1), 2).view_as(y)
+            g = torch.randn_like(y)
+            assert torch.equal(y, ref) and sl._is_channels_last(y) == channels_last
+            grad, ref_grad = torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0]
+            assert torch.equal(grad, ref_grad) and sl._is_channels_last(grad) == channels_last
     finally:
         torch.set_num_threads(threads)
 

@@ -48,20 +48,24 @@ def main():
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds (default: %(default)s)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--json", action="store_true")
+    p.add_argument("--worker", metavar="IMPL", help=argparse.SUPPRESS)
     p.add_argument("--memory-worker", metavar="IMPL", help=argparse.SUPPRESS)
     args = p.parse_args()
     shape = tuple(int(s) for s in args.shape.split(","))
     device = torch.device(args.device)
     chunk = args.time_chunk or sl.default_time_chunk(shape[1], shape[0], device)
+    if args.worker:
+        harness.serve(make_step(args.worker, shape, chunk, device), device)
+        return
     if args.memory_worker:
         tiny = make_step(args.memory_worker, (2, 2) + shape[2:], chunk, device)
         print(harness.peak_memory(make_step(args.memory_worker, shape, chunk, device), device, tiny))
         return
 
-    steps = {impl: make_step(impl, shape, chunk, device) for impl in ("engine", "reference")}
-    seconds = harness.alternate(steps, args.rounds, device)
+    impls = ("engine", "reference")
     worker_args = ["--shape", args.shape, "--time-chunk", str(chunk), "--device", args.device]
-    memory = {impl: harness.measure_in_subprocess(__file__, [impl] + worker_args) for impl in steps}
+    seconds = harness.alternate_processes(__file__, worker_args, impls, args.rounds)
+    memory = {impl: harness.measure_in_subprocess(__file__, impl, worker_args) for impl in impls}
     row = dict(bench="lif_layer_fwd_bwd", shape=args.shape, time_chunk=chunk, device=args.device,
                engine_s=seconds["engine"], reference_s=seconds["reference"],
                speedup=seconds["reference"] / seconds["engine"],

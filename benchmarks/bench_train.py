@@ -9,9 +9,10 @@
 Same weights (the faithful init, or --checkpoint), same input spikes (of uniform random images, or
 of real ones; a trained LeNet fires at 1–4 % per step, a fresh one on random images at 5–15 %).
 A training step is forward, summed squared error, backward and an SGD step; inference is a
-forward pass without grad. Sizes: LeNet T = 100, batch 64; VGG9 and
-ResNet11 T = 20, batch 8 on a CPU, T = 100, batch 16 on a GPU. Prints samples/s of each, their
-ratio, and the peak memory of each (measured in its own process) and their ratio.
+forward pass without grad. Sizes: LeNet T = 100, batch 64; VGG9 and ResNet11 T = 20, batch 8 on a
+CPU, T = 100, batch 16 on a GPU. Engine and reference each run in a process of their own, in turn
+(see harness.py). Prints samples/s of each, their ratio, and the peak memory of each (measured in
+a process of its own) and their ratio.
 """
 import argparse
 import contextlib
@@ -103,33 +104,39 @@ def main():
                    help="uniform random images × 0.9, or the first test images of Fashion-MNIST (default: %(default)s)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory processes")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--memory-worker", nargs=3, metavar=("MODEL", "IMPL", "MODE"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", metavar="IMPL", help=argparse.SUPPRESS)
+    p.add_argument("--memory-worker", metavar="IMPL", help=argparse.SUPPRESS)
     args = p.parse_args()
     device = torch.device(args.device)
     common = dict(device=device, amp=args.amp, chunk=args.time_chunk, T=args.time_steps, B=args.batch_size,
                   checkpoint=args.checkpoint, images=args.images)
-    if args.memory_worker:
-        name, impl, mode = args.memory_worker
-        tiny = make_step(name, impl, mode, **{**common, "T": 2, "B": 2})[0]
-        print(harness.peak_memory(make_step(name, impl, mode, **common)[0], device, tiny))
+    if args.worker or args.memory_worker:  # one model, one mode, one implementation
+        impl = args.worker or args.memory_worker
+        step = make_step(args.models, impl, args.modes, **common)[0]
+        if args.worker:
+            harness.serve(step, device)
+        else:
+            tiny = make_step(args.models, impl, args.modes, **{**common, "T": 2, "B": 2})[0]
+            print(harness.peak_memory(step, device, tiny))
         return
 
     rows = harness.Rows(args.json)
+    flags = ["--device", args.device] + (["--amp"] if args.amp else [])
+    flags += [f"--{k}={v}" for k, v in (("time-chunk", args.time_chunk), ("time-steps", args.time_steps),
+                                       ("batch-size", args.batch_size), ("checkpoint", args.checkpoint),
+                                       ("images", args.images)) if v]
     for name in args.models.split(","):
         for mode in args.modes.split(","):
-            steps = {impl: make_step(name, impl, mode, **common) for impl in ("engine", "reference")}
-            T, B = steps["engine"][1:]
-            seconds = harness.alternate({impl: s[0] for impl, s in steps.items()}, args.rounds, device)
+            worker_flags = [f"--models={name}", f"--modes={mode}"] + flags
+            seconds = harness.alternate_processes(__file__, worker_flags, ("engine", "reference"), args.rounds)
+            T, B = args.time_steps or sizes(name, device)[0], args.batch_size or sizes(name, device)[1]
             row = dict(model=name, mode=mode, T=T, batch=B, amp=args.amp, device=args.device,
                        weights=args.checkpoint or "init", images=args.images,
                        engine_samples_s=B / seconds["engine"], reference_samples_s=B / seconds["reference"],
                        speedup=seconds["reference"] / seconds["engine"])
             if not args.no_memory:
-                flags = ["--device", args.device] + (["--amp"] if args.amp else [])
-                flags += [f"--{k}={v}" for k, v in (("time-chunk", args.time_chunk), ("time-steps", args.time_steps),
-                                                   ("batch-size", args.batch_size), ("checkpoint", args.checkpoint),
-                                                   ("images", args.images)) if v]
-                mem = {impl: harness.measure_in_subprocess(__file__, [name, impl, mode] + flags) for impl in steps}
+                mem = {impl: harness.measure_in_subprocess(__file__, impl, worker_flags)
+                       for impl in ("engine", "reference")}
                 row.update(engine_peak=harness.fmt_bytes(mem["engine"]),
                            reference_peak=harness.fmt_bytes(mem["reference"]),
                            memory_ratio=mem["engine"] / mem["reference"])

@@ -1,9 +1,13 @@
 """Side-by-side timing and peak memory of two implementations, for the benchmarks here.
 
-Speed: the two are run alternately, round after round, in one process, so that machine noise
-hits both alike; the median per round is reported. Peak memory: each implementation is measured
-alone in a fresh process (RSS growth on a CPU, torch.cuda.max_memory_allocated on a GPU), since
-a process never gives freed memory back to RSS and would hide the second one's peak."""
+Speed: the two are run alternately, round after round, so that machine noise hits both alike; the
+median per round is reported. Engine and per-step reference each run in a process of their own
+(`alternate_processes`), each with the OpenMP wait policy it runs best with and that its users get:
+our scripts set passive waits (see utils.py), whereas the authors' per-step loop, a stream of small
+parallel ops, ran ~20 % slower with them than with libgomp's default spinning. Peak memory: each
+implementation is measured alone in a fresh process (RSS growth on a CPU,
+torch.cuda.max_memory_allocated on a GPU), since a process never gives freed memory back to RSS and
+would hide the second one's peak."""
 import json
 import os
 import statistics
@@ -23,18 +27,86 @@ def sync(device):
 
 
 def alternate(fns, rounds, device):
-    """{name: median seconds per call}, calling each fn once per round, in turn."""
+    """{name: median seconds per call}, calling each fn once per round, in turn, in this process."""
     for fn in fns.values():  # warm-up: compilation, allocator, caches
         fn()
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            sync(device)
-            t = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(timed(fn, device))
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def timed(fn, device):
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+# OpenMP wait policy per implementation; None: libgomp's default, as the authors' scripts run
+WAIT_POLICY = {"engine": "PASSIVE", "reference": None}
+
+
+def worker_env(impl):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if WAIT_POLICY[impl]:
+        env["OMP_WAIT_POLICY"] = WAIT_POLICY[impl]
+    return env
+
+
+class Worker:
+    """`script --worker IMPL ARGS...` in a process of its own: it builds its step, warms it up,
+    then times one call per request (see `serve`)."""
+
+    def __init__(self, script, impl, args):
+        self.proc = subprocess.Popen([sys.executable, script, "--worker", impl, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=worker_env(impl))
+        self.answer()  # ready: warmed up
+
+    def answer(self):
+        for line in self.proc.stdout:  # skip anything else the worker printed
+            if line.startswith(ANSWER):
+                return float(line[len(ANSWER):])
+        raise RuntimeError(f"benchmark worker {self.proc.args[2:4]} exited with {self.proc.wait()}")
+
+    def time(self):
+        self.proc.stdin.write("time\n")
+        self.proc.stdin.flush()
+        return self.answer()
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+ANSWER = "seconds="
+
+
+def serve(fn, device):
+    """The worker's side: warm fn up, then call it once per line on stdin, printing the seconds."""
+    fn()
+    print(f"{ANSWER}0", flush=True)
+    for _ in sys.stdin:
+        print(f"{ANSWER}{timed(fn, device)!r}", flush=True)
+
+
+def alternate_processes(script, args, impls, rounds):
+    """{impl: median seconds per call}, each impl in its own worker process (started one after
+    the other, so warm-ups do not overlap), called once per round, in turn."""
+    workers = {}
+    try:
+        for impl in impls:
+            workers[impl] = Worker(script, impl, args)
+        times = {impl: [] for impl in impls}
+        for _ in range(rounds):
+            for impl, worker in workers.items():
+                times[impl].append(worker.time())
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return {impl: statistics.median(ts) for impl, ts in times.items()}
 
 
 def rss_bytes(field="VmRSS"):
@@ -65,10 +137,10 @@ def peak_memory(fn, device, warmup, calls=2):
     return rss_bytes("VmHWM") - base
 
 
-def measure_in_subprocess(script, args):
-    """Run `script --memory-worker ...` in a fresh process; returns the bytes it prints."""
-    out = subprocess.run([sys.executable, script, "--memory-worker", *args], capture_output=True,
-                         text=True, check=True)
+def measure_in_subprocess(script, impl, args):
+    """Run `script --memory-worker IMPL ARGS...` in a fresh process; returns the bytes it prints."""
+    out = subprocess.run([sys.executable, script, "--memory-worker", impl, *args], capture_output=True,
+                         text=True, check=True, env=worker_env(impl))
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -111,5 +183,6 @@ def machine():
     except (OSError, StopIteration):
         pass
     return dict(torch=torch.__version__, threads=torch.get_num_threads(), cpu=cpu,
+                omp_wait_policy={impl: policy or "default" for impl, policy in WAIT_POLICY.items()},
                 gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                 load=os.getloadavg()[0])

@@ -19,12 +19,16 @@ import sys
 import tempfile
 import time
 
-# libgomp's threads spin for a while after every parallel region (its default) and so share the
-# cores with the thread that runs the engine's compiled neuron and pooling loops: those ran up to
-# 1.8× slower, a LeNet training step took 1.43 s instead of 1.19 s on our 2-core machine. The
-# policy is read once, when torch loads OpenMP, hence here, before `import torch`.
+# Process settings read once, when torch loads, hence here, before `import torch` (measured on
+# our 2-core machine, LeNet training step, bf16 autocast):
+# - libgomp's threads spin for a while after every parallel region (its default) and so share the
+#   cores with the thread that runs the engine's compiled neuron and pooling loops: those ran up to
+#   1.8× slower, the step took 1.43 s instead of 1.19 s (float32);
+# - 2 MB pages for large tensors: the engine's per-chunk buffers otherwise cost 10,000–50,000 page
+#   faults per step whenever the C allocator had given memory back (0.9 s → 1.0–1.2 s per step).
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch
 import torch.distributed as dist

@@ -24,8 +24,9 @@ Instead of one autograd graph per time step (the authors' design), a layer proce
 of k time steps per call: one convolution over k·B images, then the neuron recursion over the k
 steps, with the membrane carried to the next chunk. k = T is the fully time-batched case GPUs
 want; on a 2-core CPU, convolutions over 64–256 images are fastest (PERF-NOTES), so k is a
-parameter. The numerics do not depend on k. Backward saves the spikes as bool and the inputs
-of each weight layer in one byte, never the float currents or membranes.
+parameter. The numerics do not depend on k. For backward, each weight layer keeps its input
+spikes in one byte, and each neuron layer its spikes in one bit (a CPU) or one byte (a GPU),
+never the float currents or membranes.
 """
 import math
 
@@ -100,28 +101,33 @@ def _helper_threads(workers):
 
 
 @_cpu_kernel
-def _fire_cpu(lo, hi, current, u, fired, out, lf, n, v_th, leak, leaky_sum):
-    """Steps 2–5 for k steps of neurons lo..hi, plus N ← N + o_t and LF ← λ·LF + o_t."""
+def _fire_cpu(lo, hi, current, u, out, lf, n, v_th, leak, leaky_sum, record, t0):
+    """Steps 2–5 for k steps of neurons lo..hi, plus N ← N + o_t and LF ← λ·LF + o_t. If record
+    is a (planes, N) array, spike o_s (s = t0 + t, the step in the window) goes to bit s % 8 of
+    record[s // 8]: 8 steps a byte, and still a loop over contiguous neurons."""
     for b in range(lo, hi, BLOCK):  # a block's membranes stay in cache over the k steps
         for t in range(current.shape[0]):
+            plane, bit = (t0 + t) >> 3, (t0 + t) & 7
             for i in range(U64(b), U64(min(b + BLOCK, hi))):
                 v = u[i] + current[t, i]             # step 2: integrate
                 o = v > v_th                         # step 3: fire, strictly above threshold
-                fired[t, i] = o
                 out[t, i] = o
                 u[i] = (0.0 if o else v) * leak      # steps 4–5: hard reset, leak
                 n[i] += o
                 if leaky_sum:
                     lf[i] = lf[i] * leak + o
+                if record.shape[0]:
+                    record[plane, i] |= o << bit
 
 
 @_cpu_kernel
-def _backprop_cpu(lo, hi, grad_spikes, fired, slope, carry, grad_current):
+def _backprop_cpu(lo, hi, grad_spikes, record, t0, slope, carry, grad_current):
     """gU'_t = slope · o_t · g_t + (1 − o_t) · gU'_{t+1}, backwards over k steps."""
     for b in range(lo, hi, BLOCK):
         for t in range(grad_spikes.shape[0] - 1, -1, -1):
+            plane, bit = (t0 + t) >> 3, (t0 + t) & 7
             for i in range(U64(b), U64(min(b + BLOCK, hi))):
-                c = grad_spikes[t, i] * slope[i] if fired[t, i] else carry[i]
+                c = grad_spikes[t, i] * slope[i] if (record[plane, i] >> bit) & 1 else carry[i]
                 grad_current[t, i] = c
                 carry[i] = c
 
@@ -507,22 +513,24 @@ class _AvgPool2x2(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------
 # Neurons
 
-def _fire(current_seq, u, window, v_th, leak, leaky_sum):
-    """Steps 2–5 over a chunk (k, B, ...). Returns the spikes as bool (kept for backward) and as
-    floats for the next layer, and the new membrane (B, ...), all in the membrane's layout. Under
-    bf16 autocast the float spikes are bf16 on a GPU, but stay float32 on a CPU, where the compiled
+def _fire(current_seq, u, window, v_th, leak, leaky_sum, record):
+    """Steps 2–5 over a chunk (k, B, ...). Returns the spikes as floats for the next layer and the
+    new membrane (B, ...), both in the membrane's layout, and, if record, the spikes backward
+    needs: on a CPU as bits in window.record (None is returned), else as bool (k, N). Under bf16
+    autocast the float spikes are bf16 on a GPU, but stay float32 on a CPU, where the compiled
     pooling and packing loops read them (numba has no bf16); a convolution casts them exactly."""
     k, cl = current_seq.shape[0], _is_channels_last(u)
     shape = _memory_order(u, cl).shape
     current = _memory_order(current_seq, cl).reshape(k, -1).to(u.dtype)  # bf16 currents: fp32 membranes
     u = _memory_order(u, cl).reshape(-1).clone()
-    lf, n = _flat(window.lf), _flat(window.n)
-    fired = torch.empty(current.shape, dtype=torch.bool, device=u.device)
+    lf, n, t0, fired = _flat(window.lf), _flat(window.n), window.steps, None
     if _use_cpu_kernels(u):
         out = torch.empty(current.shape, dtype=u.dtype)
-        _split(_fire_cpu, u.numel(), current.contiguous().numpy(), u.numpy(), fired.numpy(), out.numpy(),
-               lf.numpy(), n.numpy(), v_th, leak, leaky_sum)
+        bits = window.record_until(t0 + k) if record else torch.empty(0, 0, dtype=torch.uint8)
+        _split(_fire_cpu, u.numel(), current.contiguous().numpy(), u.numpy(), out.numpy(), lf.numpy(),
+               n.numpy(), v_th, leak, leaky_sum, bits.numpy(), t0)
     else:
+        fired = torch.empty(current.shape, dtype=torch.bool, device=u.device)
         for t in range(k):
             u += current[t]                      # step 2: integrate
             torch.gt(u, v_th, out=fired[t])      # step 3: fire, strictly above threshold
@@ -532,23 +540,23 @@ def _fire(current_seq, u, window, v_th, leak, leaky_sum):
             if leaky_sum:
                 lf.mul_(leak).add_(fired[t])
         out = fired.to(current_seq.dtype)
+        fired = fired if record else None
     window.steps += k
-    return (_logical_order(fired.view(k, *shape), cl), _logical_order(out.view(k, *shape), cl),
-            _logical_order(u.view(shape), cl))
+    return fired, _logical_order(out.view(k, *shape), cl), _logical_order(u.view(shape), cl)
 
 
-def _backprop(grad_spikes, fired, slope, grad_u):
-    """The backward recursion over a chunk; returns ∂L/∂I (k, B, ...) and gU' at its first step,
-    in the layout of the spikes."""
-    k, cl = fired.shape[0], _is_channels_last(fired)
-    shape = _memory_order(fired, cl).shape[1:]
+def _backprop(grad_spikes, fired, window, t0, slope, grad_u):
+    """The backward recursion over the chunk of steps t0, t0+1, ...; returns ∂L/∂I (k, B, ...) and
+    gU' at its first step, in the layout of the spikes. fired: the chunk's bool spikes, or None
+    when they are bits in window.record."""
+    k, cl = grad_spikes.shape[0], _is_channels_last(window.n)
+    shape = _memory_order(window.n, cl).shape
     g = _memory_order(grad_spikes, cl).reshape(k, -1).to(slope.dtype)
     carry = torch.zeros_like(slope) if grad_u is None else \
         _memory_order(grad_u, cl).reshape(-1).to(slope.dtype, copy=True)
     grad_current = torch.empty(g.shape, dtype=slope.dtype, device=g.device)
-    fired = _memory_order(fired, cl).reshape(k, -1)
-    if _use_cpu_kernels(g):
-        _split(_backprop_cpu, carry.numel(), g.contiguous().numpy(), fired.numpy(), slope.numpy(),
+    if fired is None:
+        _split(_backprop_cpu, carry.numel(), g.contiguous().numpy(), window.record.numpy(), t0, slope.numpy(),
                carry.numpy(), grad_current.numpy())
     else:
         g = g * slope
@@ -565,14 +573,26 @@ def leak_correction(lf, n, leak):
 
 class _Window:
     """Per-neuron statistics of one forward pass over the T-step window: the spike count N and
-    the leaky spike sum LF, from which backward derives ∂o_t/∂U'_t at firing steps."""
+    the leaky spike sum LF, from which backward derives ∂o_t/∂U'_t at firing steps; on a CPU
+    also the record of the spikes, one bit per neuron and step (T/8 bytes per neuron)."""
 
     def __init__(self):
-        self.lf = self.n = self._slope = None
+        self.lf = self.n = self.record = self._slope = None
         self.steps = 0
 
     def start(self, like):
         self.lf, self.n = torch.zeros_like(like), torch.zeros_like(like)
+        self.record = torch.zeros(0, like.numel(), dtype=torch.uint8)
+
+    def record_until(self, steps):
+        """The record, (planes, N) uint8 in memory order, with room for `steps` steps (grown by
+        doubling, for a window whose length is not known in advance)."""
+        planes = (steps + 7) // 8
+        if planes > self.record.shape[0]:
+            grown = torch.zeros(max(planes, 2 * self.record.shape[0]), self.n.numel(), dtype=torch.uint8)
+            grown[:self.record.shape[0]] = self.record
+            self.record = grown
+        return self.record
 
     def slope(self, leak, v_th, leak_corrected):
         """G / V_th for LIF layers, 1 for pooling neurons; flat (N,). Complete only after the
@@ -594,7 +614,8 @@ class _Neuron(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, current_seq, u, window, v_th, leak, leak_corrected):
-        fired, spikes, u = _fire(current_seq, u, window, v_th, leak, leak_corrected)
+        ctx.t0 = window.steps
+        fired, spikes, u = _fire(current_seq, u, window, v_th, leak, leak_corrected, record=True)
         ctx.save_for_backward(fired)
         ctx.window, ctx.v_th, ctx.leak, ctx.leak_corrected = window, v_th, leak, leak_corrected
         return spikes, u
@@ -606,7 +627,7 @@ class _Neuron(torch.autograd.Function):
         # leak is identity in backward (the paper's choice, not a bug); a firing step's reset
         # blocks the path from later steps.
         slope = ctx.window.slope(ctx.leak, ctx.v_th, ctx.leak_corrected)
-        grad_current, grad_u = _backprop(grad_spikes, fired, slope, grad_u)
+        grad_current, grad_u = _backprop(grad_spikes, fired, ctx.window, ctx.t0, slope, grad_u)
         return grad_current, grad_u, None, None, None, None
 
 
@@ -644,7 +665,7 @@ class SpikingNeurons(nn.Module):
             spikes, self.u = _Neuron.apply(current_seq, self.u, self.window, self.v_th, self.leak,
                                            self.leak_corrected)
         else:
-            _, spikes, self.u = _fire(current_seq, self.u, self.window, self.v_th, self.leak, False)
+            _, spikes, self.u = _fire(current_seq, self.u, self.window, self.v_th, self.leak, False, record=False)
         return spikes
 
 

@@ -220,19 +220,24 @@ def test_bf16_autocast_keeps_spikes_exact_and_membranes_fp32(kernels):
     assert net.conv.weight.grad.dtype == torch.float32
 
 
-def test_backward_saves_spikes_in_one_byte():
-    """No float currents, membranes or spikes are kept for backward: only bool/int8 spike
-    trains, plus weights and the per-neuron dropout masks."""
+def test_backward_keeps_spikes_in_bytes_and_bits():
+    """No float currents, membranes or spikes are kept for backward: the synapses keep their input
+    spikes in int8, the neurons theirs as bits (a CPU) or bool (tensor operations), besides the
+    weights and the per-neuron dropout masks."""
     torch.manual_seed(0)
-    net = Stack3(10, dropout=0.25)
+    T, B = 10, 4
+    net = Stack3(T, dropout=0.25)
     params = {p.data_ptr() for p in net.parameters()}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        net(signed_spikes((10, 4, 2, 8, 8)).float()).sum().backward()
-    time_resolved = [t for t in saved if t.data_ptr() not in params and t.dim() >= 3 and t.shape[1] == 4]
-    assert time_resolved, "nothing was saved: the hook did not see the engine"
-    for t in time_resolved:
-        assert t.dtype in (torch.bool, torch.int8) or t.shape[0] == 4, (t.dtype, t.shape)
+        net(signed_spikes((T, B, 2, 8, 8)).float()).sum().backward()
+    kept = [t for t in saved if t.data_ptr() not in params]
+    assert any(t.dtype == torch.int8 for t in kept), "no synapse input was saved: the hook did not see the engine"
+    for t in kept:  # int8 spikes of k·B images; float only for a dropout mask (B, ...)
+        assert t.dtype in (torch.bool, torch.int8) or (t.shape[0] == B and t.dim() in (2, 4)), (t.dtype, t.shape)
+    for name, layer in net.neuron_layers():
+        record = layer.window.record
+        assert record.dtype == torch.uint8 and record.shape == ((T + 7) // 8, layer.spike_count.numel()), name
 
 
 def test_synapse_gradcheck():

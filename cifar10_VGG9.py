@@ -28,6 +28,8 @@ DEFAULTS = dict(                 # the paper's settings (SPEC §4)
 
 
 class VGG9(SpikingNetwork):
+    images_per_call = 80  # CPU: a call's 64 × 32 × 32 currents stay at 21 MB (T = 20, B = 8 training 1.3× faster)
+
     def __init__(self, time_steps=100, leak=0.99, dropout=0.2):
         super().__init__(time_steps, leak)
         kw = dict(padding=1, leak=leak, dropout=dropout)

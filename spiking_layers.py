@@ -791,12 +791,12 @@ def init_weights(model, gain):
             nn.init.normal_(m.weight, 0.0, math.sqrt(gain / fan_in))
 
 
-def default_time_chunk(batch_size, time_steps, device):
-    """k time steps per call: all of them on a GPU; on a CPU ~256 images per convolution call,
-    where we measured convolutions to run fastest (PERF-NOTES)."""
+def default_time_chunk(batch_size, time_steps, device, images=256):
+    """k time steps per call: all of them on a GPU; on a CPU about `images` images per convolution
+    call (LeNet's convolutions ran fastest at 64–256, PERF-NOTES)."""
     if device.type == "cuda":
         return time_steps
-    return max(1, min(time_steps, 256 // max(batch_size, 1)))
+    return max(1, min(time_steps, images // max(batch_size, 1)))
 
 
 class SpikingNetwork(nn.Module):
@@ -806,6 +806,7 @@ class SpikingNetwork(nn.Module):
     (k, B, classes). `model(x)` takes images (B, C, H, W), Poisson-encoded here, or a ready spike
     train (T, B, C, H, W) (event data, exact tests), and returns U_out(T) / V_th / T."""
     input_scale = 1.0
+    images_per_call = 256  # on a CPU, see default_time_chunk
 
     def __init__(self, time_steps=100, leak=0.99):
         super().__init__()
@@ -827,7 +828,7 @@ class SpikingNetwork(nn.Module):
         for m in self.modules():
             if isinstance(m, SpikingNeurons):
                 m.reset()
-        k = self.time_chunk or default_time_chunk(B, T, spike_seq.device)
+        k = self.time_chunk or default_time_chunk(B, T, spike_seq.device, self.images_per_call)
         u, t, readouts = None, 0, []
         for chunk in spike_seq.split(k):
             current_seq = self.step(chunk)

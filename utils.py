@@ -10,6 +10,7 @@ Each script calls `main(Model, DEFAULTS, datasets)`. The sections follow the ord
 import argparse
 import contextlib
 import csv
+import ctypes
 import gzip
 import json
 import math
@@ -19,16 +20,30 @@ import sys
 import tempfile
 import time
 
-# Process settings read once, when torch loads, hence here, before `import torch` (measured on
-# our 2-core machine, LeNet training step, bf16 autocast):
+# Process settings for the engine on a CPU (measured on our 2-core machine, LeNet T = 100 training
+# step, unless said). The first two are read once, when torch loads, hence here, before `import torch`.
 # - libgomp's threads spin for a while after every parallel region (its default) and so share the
 #   cores with the thread that runs the engine's compiled neuron and pooling loops: those ran up to
 #   1.8× slower, the step took 1.43 s instead of 1.19 s (float32);
-# - 2 MB pages for large tensors: the engine's per-chunk buffers otherwise cost 10,000–50,000 page
-#   faults per step whenever the C allocator had given memory back (0.9 s → 1.0–1.2 s per step).
+# - 2 MB pages for large tensors, and glibc keeping freed blocks of up to 32 MB rather than giving
+#   them back to the system: the per-chunk buffers otherwise cost up to 50,000 page faults per step
+#   (bf16 step 0.9 s → 1.0–1.2 s; VGG9 T = 20 0.39 s → 0.41–0.58 s).
 if "torch" not in sys.modules:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
+def _keep_freed_memory():
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
+_keep_freed_memory()
 
 import torch
 import torch.distributed as dist
@@ -109,7 +124,7 @@ def get_parser(description, defaults, datasets=None):
     a("--limit-val", type=COUNT, metavar="N", help="use only the first N test examples")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
     a("--time-chunk", type=COUNT, metavar="K", help="time steps per convolution call; default: all T on a "
-      "GPU, ~256 images per call on a CPU. Results do not depend on it")
+      "GPU, ~256 images per call on a CPU (80 for VGG9). Results do not depend on it")
     a("--amp", action="store_true", help="bfloat16 autocast around forward and loss")
     a("--out-dir", default=".", metavar="DIR", help="checkpoints and the CSV log go here")
     a("--no-progress", action="store_true", help="no tqdm bar (also off when stdout is not a terminal)")

@@ -57,6 +57,13 @@ def worker_env(impl):
     return {**env, **ENV[impl]}
 
 
+def run_as(impl):
+    """Re-run this script with `impl`'s process settings unless it has them already (torch reads
+    them when it loads, so they cannot be changed in a running process)."""
+    if any(os.environ.get(k) != v for k, v in ENV[impl].items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], worker_env(impl))
+
+
 class Worker:
     """`script --worker IMPL ARGS...` in a process of its own: it builds its step, warms it up,
     then times one call per request (see `serve`)."""

@@ -253,6 +253,9 @@ def _events_weight_grad(lo, hi, q, g, dw, stride, pad):
 # currents keep that layout, and so do the neurons fed by them and their spikes: the neuron and
 # pooling loops walk memory order, whatever the layout, so no layer ever transposes a chunk.
 
+CHANNELS_LAST = True  # tests switch it off to check, on a CPU, the NCHW layout GPUs run
+
+
 def channels_last(x):
     """(N, C, H, W) in channels-last memory order. With C = 1 both orders are the same memory;
     only strides that say so make oneDNN return a channels-last output."""
@@ -375,7 +378,7 @@ def _current(layer, spike_seq, weight, pack=True):
     Also returns the packed input (q, s) of the k·B images for backward, and its density (None
     unless counted)."""
     x = spike_seq.flatten(0, 1)
-    if isinstance(layer, nn.Conv2d) and x.device.type == "cpu":
+    if isinstance(layer, nn.Conv2d) and x.device.type == "cpu" and CHANNELS_LAST:
         x = channels_last(x)
     q = s = density = None
     on_events = _event_layer(layer, weight)

@@ -25,12 +25,14 @@ def chunk_sizes(T):
 CASES = [(T, k) for T in (1, 5, 12, 37) for k in chunk_sizes(T)]
 
 
-@pytest.fixture(params=["compiled", "events", "tensor-ops"])
+@pytest.fixture(params=["compiled", "events", "compiled-nchw", "tensor-ops"])
 def kernels(request, monkeypatch):
-    """Every implementation: the compiled CPU loops (with the dense convolutions a freshly
-    initialised network takes), the same with every eligible convolution on events whatever the
-    density, and the tensor operations GPUs run (checked here on the CPU)."""
+    """Every implementation: the compiled CPU loops on channels-last tensors (with the dense
+    convolutions a freshly initialised network takes), the same with every eligible convolution on
+    events whatever the density, the compiled loops on NCHW tensors, and the tensor operations
+    and NCHW layout GPUs run (checked here on the CPU)."""
     monkeypatch.setattr(sl, "CPU_KERNELS", request.param != "tensor-ops" and sl.numba is not None)
+    monkeypatch.setattr(sl, "CHANNELS_LAST", request.param in ("compiled", "events"))
     if request.param == "events":
         monkeypatch.setattr(sl, "EVENT_DENSITY", dict(forward=1.1, weight_grad=1.1))
     return request.param
@@ -182,6 +184,9 @@ def test_conv_pool_linear_stack(T, k, device, kernels):
     assert set(masks) == {"conv"} and (masks["conv"] == 0).any()
     # G is the engine's own, from the whole window, whatever the chunking
     torch.testing.assert_close(net.conv.window.G(0.99), record["G.conv"], **TOL)
+    # the layout the mode is meant to test: channels-last for CPU convolutions unless switched off
+    channels_last = device == "cpu" and sl.CHANNELS_LAST
+    assert sl._is_channels_last(net.conv.u) == sl._is_channels_last(net.pool.u) == channels_last
 
 
 def test_eval_mode_matches_training_forward():

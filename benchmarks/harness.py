@@ -2,12 +2,11 @@
 
 Speed: the two are run alternately, round after round, so that machine noise hits both alike; the
 median per round is reported. Engine and per-step reference each run in a process of their own
-(`alternate_processes`), each with the process settings (`ENV`) it runs best with and that its users
-get: our scripts set passive OpenMP waits (see utils.py), whereas the authors' per-step loop, a
-stream of small parallel ops, ran ~20 % slower with them than with libgomp's default spinning. Peak memory: each
-implementation is measured alone in a fresh process (RSS growth on a CPU,
-torch.cuda.max_memory_allocated on a GPU), since a process never gives freed memory back to RSS and
-would hide the second one's peak."""
+(`alternate_processes`), with the process settings of `ENV`: ours as our scripts set them (see
+utils.py), the same for the reference except passive OpenMP waits, which slowed the authors'
+per-step loop, a stream of small parallel ops, by ~20 %. Peak memory: each implementation is
+measured alone in a fresh process (RSS growth on a CPU, torch.cuda.max_memory_allocated on a
+GPU), since a process never gives freed memory back to RSS and would hide the second one's peak."""
 import json
 import os
 import statistics
@@ -45,15 +44,18 @@ def timed(fn, device):
     return time.perf_counter() - t
 
 
-# Process settings per implementation (utils.py explains ours). The reference gets libgomp's
-# default wait policy, as the authors' scripts run (it was ~20 % slower with passive waits), and
-# 2 MB pages too (they did not slow it).
-ENV = {"engine": {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"},
-       "reference": {"THP_MEM_ALLOC_ENABLE": "1"}}
+# Process settings per implementation: ours as utils.py sets them for our scripts (glibc's by its
+# environment variables here, the equivalent of utils.py's mallopt calls). The reference gets the
+# same, except libgomp's default spinning: passive waits slowed it by ~20 %. (Its LeNet step took
+# 1.80–1.90 s with or without the memory settings; the LIF layer alone varied 0.35–1.06 s in all.)
+GLIBC_KEEPS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+ENV = {"engine": {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1", **GLIBC_KEEPS_FREED_MEMORY},
+       "reference": {"THP_MEM_ALLOC_ENABLE": "1", **GLIBC_KEEPS_FREED_MEMORY}}
+SETTINGS = ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE", *GLIBC_KEEPS_FREED_MEMORY)
 
 
 def worker_env(impl):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
+    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
     return {**env, **ENV[impl]}
 
 

@@ -7,9 +7,8 @@
 Train:     python cifar10_ResNet11.py
 Evaluate:  python cifar10_ResNet11.py --resume model_bestT1_cifar10_r11.pth.tar --evaluate
 """
+import utils  # first: it sets the process settings torch reads when it loads
 import torch.nn as nn
-
-import utils
 from spiking_layers import Conv2d, Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork, init_weights
 
 DEFAULTS = dict(                 # the paper's settings (SPEC §4)

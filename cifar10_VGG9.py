@@ -6,7 +6,7 @@
 Train:     python cifar10_VGG9.py
 Evaluate:  python cifar10_VGG9.py --resume model_bestT1_cifar10_v9.pth.tar --evaluate
 """
-import utils
+import utils  # first: it sets the process settings torch reads when it loads
 from spiking_layers import Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork, init_weights
 
 DEFAULTS = dict(                 # the paper's settings (SPEC §4)

@@ -5,7 +5,7 @@
 Train:     python mnist_LeNet.py --dataset fashion-mnist
 Evaluate:  python mnist_LeNet.py --dataset fashion-mnist --resume pretrained/lenet_fashion_T20.pth.tar --evaluate
 """
-import utils
+import utils  # first: it sets the process settings torch reads when it loads
 from spiking_layers import Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork, init_weights
 
 DEFAULTS = dict(                 # the paper's settings (SPEC §4)

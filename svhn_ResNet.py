@@ -8,10 +8,10 @@ This is our reconstruction (SPEC §3): ResNet11's stem and its first two blocks.
 Train:     python svhn_ResNet.py
 Evaluate:  python svhn_ResNet.py --resume model_bestT1_svhn_r7.pth.tar --evaluate
 """
+import utils  # first: it sets the process settings torch reads when it loads
 import torch.nn as nn
 
 import cifar10_ResNet11
-import utils
 from spiking_layers import Conv2d, Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork, init_weights
 
 # ResNet11's settings (SPEC §4), on SVHN

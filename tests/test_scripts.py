@@ -3,6 +3,8 @@ import csv
 import importlib
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -192,3 +194,25 @@ def test_amp_and_time_chunk(tiny, tmp_path):
     net = utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS,
                      argv=[*tiny, "--amp", "--time-chunk", "1", "--epochs", "1", "--out-dir", str(tmp_path)])
     assert net.time_chunk == 1 and (tmp_path / "checkpointT1_mnist1.pth.tar").exists()
+
+
+def test_process_settings_are_set_before_torch_loads():
+    """libgomp and torch read the engine's process settings once, when torch loads: utils sets them
+    when it is imported first — as every script imports it first — keeps a user's own values, and
+    leaves a process that loaded torch before it alone."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
+
+    def settings(first, **extra):
+        code = f"import {first}, os, utils; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+        p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env={**env, **extra})
+        assert p.returncode == 0, p.stderr
+        return p.stdout.split()
+
+    assert settings("sys") == ["PASSIVE", "1"]
+    assert settings("sys", OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "1"]
+    assert settings("torch") == ["None", "None"]
+    for script in SCRIPTS:
+        source = open(os.path.join(root, script)).read()
+        first_import = re.search(r"^(?:import|from) (\w+)", source, re.M).group(1)
+        assert first_import == "utils", f"{script} imports {first_import} before utils"

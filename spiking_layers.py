@@ -199,52 +199,47 @@ def _add_signed(acc, row, sign):
             acc[o] -= row[o]
 
 
+@_cpu_helper
+def _spread(images, rows, n, iy, ix, c, sign, stride, pad, into_images):
+    """For each kernel offset (kh, kw) through which input (iy, ix) of image n reaches an output
+    (oy, ox): images[n, oy, ox] ±= rows[kh, kw, c] if into_images, else rows[kh, kw, c] ±=
+    images[n, oy, ox] (the output, and the weight gradient, of one spike)."""
+    for kh in range(rows.shape[0]):
+        oy = _target(iy, kh, pad, stride, images.shape[1])
+        if oy < 0:
+            continue
+        for kw in range(rows.shape[1]):
+            ox = _target(ix, kw, pad, stride, images.shape[2])
+            if ox < 0:
+                continue
+            if into_images:
+                _add_signed(images[n, oy, ox], rows[kh, kw, c], sign)
+            else:
+                _add_signed(rows[kh, kw, c], images[n, oy, ox], sign)
+
+
 @_cpu_kernel
 def _events_forward(lo, hi, q, w, out, stride, pad):
     """out[n] (OH, OW, O) = Σ over the events of q[n] (H, W, C) of ±w rows, images lo..hi."""
-    H, W, C = q.shape[1], q.shape[2], q.shape[3]
-    KH, KW = w.shape[0], w.shape[1]
-    OH, OW = out.shape[1], out.shape[2]
     for n in range(lo, hi):
         out[n] = 0
-        for iy in range(H):
-            for ix in range(W):
-                for c in range(C):
-                    v = q[n, iy, ix, c]
-                    if v == 0:
-                        continue
-                    for kh in range(KH):
-                        oy = _target(iy, kh, pad, stride, OH)
-                        if oy < 0:
-                            continue
-                        for kw in range(KW):
-                            ox = _target(ix, kw, pad, stride, OW)
-                            if ox >= 0:
-                                _add_signed(out[n, oy, ox], w[kh, kw, c], v)
+        for iy in range(q.shape[1]):
+            for ix in range(q.shape[2]):
+                for c in range(q.shape[3]):
+                    if q[n, iy, ix, c] != 0:
+                        _spread(out, w, n, iy, ix, c, q[n, iy, ix, c], stride, pad, True)
 
 
 @_cpu_kernel
 def _events_weight_grad(lo, hi, q, g, dw, stride, pad):
     """dw[:, :, c] (KH, KW, O) = Σ over the events of q (N, H, W, C) at channel c of ±g rows,
     channels lo..hi. g: ∂L/∂I as (N, OH, OW, O)."""
-    N, H, W = q.shape[0], q.shape[1], q.shape[2]
-    KH, KW = dw.shape[0], dw.shape[1]
-    OH, OW = g.shape[1], g.shape[2]
-    for n in range(N):  # images outer: an image's gradient stays in cache over the channels
-        for iy in range(H):
-            for ix in range(W):
+    for n in range(q.shape[0]):  # images outer: an image's gradient stays in cache over the channels
+        for iy in range(q.shape[1]):
+            for ix in range(q.shape[2]):
                 for c in range(lo, hi):
-                    v = q[n, iy, ix, c]
-                    if v == 0:
-                        continue
-                    for kh in range(KH):
-                        oy = _target(iy, kh, pad, stride, OH)
-                        if oy < 0:
-                            continue
-                        for kw in range(KW):
-                            ox = _target(ix, kw, pad, stride, OW)
-                            if ox >= 0:
-                                _add_signed(dw[kh, kw, c], g[n, oy, ox], v)
+                    if q[n, iy, ix, c] != 0:
+                        _spread(g, dw, n, iy, ix, c, q[n, iy, ix, c], stride, pad, False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,19 +32,23 @@ import time
 # per implementation, see benchmarks/harness.py).
 
 
+TORCH_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30  # glibc's largest mmap threshold; keep up to 1 GB
+
+
 def _keep_freed_memory():
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # not glibc
         return
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    mallopt(M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest
-    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
 
 
 if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    for _name, _value in TORCH_SETTINGS.items():
+        os.environ.setdefault(_name, _value)
     _keep_freed_memory()
 
 import torch

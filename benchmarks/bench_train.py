@@ -129,7 +129,8 @@ def main():
         for mode in args.modes.split(","):
             worker_flags = [f"--models={name}", f"--modes={mode}"] + flags
             seconds = harness.alternate_processes(__file__, worker_flags, ("engine", "reference"), args.rounds)
-            T, B = args.time_steps or sizes(name, device)[0], args.batch_size or sizes(name, device)[1]
+            T0, B0 = sizes(name, device)
+            T, B = args.time_steps or T0, args.batch_size or B0
             row = dict(model=name, mode=mode, T=T, batch=B, amp=args.amp, device=args.device,
                        weights=args.checkpoint or "init", images=args.images,
                        engine_samples_s=B / seconds["engine"], reference_samples_s=B / seconds["reference"],

@@ -19,6 +19,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
+import utils  # noqa: E402  (after torch: it then changes nothing in this process, only names the settings)
+
 
 def sync(device):
     if device.type == "cuda":
@@ -48,14 +50,14 @@ def timed(fn, device):
 # environment variables here, the equivalent of utils.py's mallopt calls). The reference gets the
 # same, except libgomp's default spinning: passive waits slowed it by ~20 %. (Its LeNet step took
 # 1.80–1.90 s with or without the memory settings; the LIF layer alone varied 0.35–1.06 s in all.)
-GLIBC_KEEPS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-ENV = {"engine": {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1", **GLIBC_KEEPS_FREED_MEMORY},
-       "reference": {"THP_MEM_ALLOC_ENABLE": "1", **GLIBC_KEEPS_FREED_MEMORY}}
-SETTINGS = ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE", *GLIBC_KEEPS_FREED_MEMORY)
+GLIBC_KEEPS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(utils.MMAP_THRESHOLD),
+                            "MALLOC_TRIM_THRESHOLD_": str(utils.TRIM_THRESHOLD)}
+OURS = {**utils.TORCH_SETTINGS, **GLIBC_KEEPS_FREED_MEMORY}
+ENV = {"engine": OURS, "reference": {k: v for k, v in OURS.items() if k != "OMP_WAIT_POLICY"}}
 
 
 def worker_env(impl):
-    env = {k: v for k, v in os.environ.items() if k not in SETTINGS}
+    env = {k: v for k, v in os.environ.items() if k not in OURS}
     return {**env, **ENV[impl]}
 
 

@@ -11,7 +11,7 @@ import utils  # first: it sets the process settings torch reads when it loads
 import torch.nn as nn
 from spiking_layers import Conv2d, Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork, init_weights
 
-DEFAULTS = dict(                 # the paper's settings (SPEC §4)
+DEFAULTS = dict(                 # the paper's settings (docs/reproduce.md)
     dataset="cifar10",
     time_steps=100,
     leak=0.99,
@@ -30,12 +30,13 @@ DEFAULTS = dict(                 # the paper's settings (SPEC §4)
 
 
 class ResNet11(SpikingNetwork):
-    def __init__(self, time_steps=100, leak=0.99, dropout=0.25):
-        super().__init__(time_steps, leak)
+    def __init__(self, time_steps=100, leak=0.99, dropout=0.25, time_chunk=None):
+        super().__init__(time_steps, leak, time_chunk)
         kw = dict(padding=1, leak=leak, dropout=dropout)
         self.cnn11 = SpikingConv2d(3, 64, 3, **kw)
         self.pool1 = PoolIF()
         self.cnn21, self.cnn22 = SpikingConv2d(64, 128, 3, **kw), SpikingConv2d(128, 128, 3, **kw)
+        # Sequential: the authors' checkpoints name these weights shortcut1.0.weight, ...
         self.shortcut1 = nn.Sequential(Conv2d(64, 128, 1))
         self.cnn31, self.cnn32 = SpikingConv2d(128, 256, 3, **kw), SpikingConv2d(256, 256, 3, stride=2, **kw)
         self.shortcut2 = nn.Sequential(Conv2d(128, 256, 1, stride=2))

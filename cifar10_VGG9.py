@@ -9,7 +9,7 @@ Evaluate:  python cifar10_VGG9.py --resume model_bestT1_cifar10_v9.pth.tar --eva
 import utils  # first: it sets the process settings torch reads when it loads
 from spiking_layers import Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork, init_weights
 
-DEFAULTS = dict(                 # the paper's settings (SPEC §4)
+DEFAULTS = dict(                 # the paper's settings (docs/reproduce.md)
     dataset="cifar10",
     time_steps=100,
     leak=0.99,
@@ -30,8 +30,8 @@ DEFAULTS = dict(                 # the paper's settings (SPEC §4)
 class VGG9(SpikingNetwork):
     images_per_call = 80  # CPU: a call's 64 × 32 × 32 currents stay at 21 MB (T = 20, B = 8 training 1.3× faster)
 
-    def __init__(self, time_steps=100, leak=0.99, dropout=0.2):
-        super().__init__(time_steps, leak)
+    def __init__(self, time_steps=100, leak=0.99, dropout=0.2, time_chunk=None):
+        super().__init__(time_steps, leak, time_chunk)
         kw = dict(padding=1, leak=leak, dropout=dropout)
         self.cnn11, self.cnn12 = SpikingConv2d(3, 64, 3, **kw), SpikingConv2d(64, 64, 3, **kw)
         self.pool1 = PoolIF()

@@ -8,7 +8,7 @@ Evaluate:  python mnist_LeNet.py --dataset fashion-mnist --resume pretrained/len
 import utils  # first: it sets the process settings torch reads when it loads
 from spiking_layers import Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork, init_weights
 
-DEFAULTS = dict(                 # the paper's settings (SPEC §4)
+DEFAULTS = dict(                 # the paper's settings (docs/reproduce.md)
     dataset="mnist",
     time_steps=100,
     leak=0.99,
@@ -29,8 +29,8 @@ DEFAULTS = dict(                 # the paper's settings (SPEC §4)
 class LeNet(SpikingNetwork):
     input_scale = 0.5  # MNIST is ToTensor only: a pixel fires with probability up to 1/2 per step
 
-    def __init__(self, time_steps=100, leak=0.99, dropout=0.0):
-        super().__init__(time_steps, leak)
+    def __init__(self, time_steps=100, leak=0.99, dropout=0.0, time_chunk=None):
+        super().__init__(time_steps, leak, time_chunk)
         kw = dict(leak=leak, dropout=dropout)
         self.cnn1 = SpikingConv2d(1, 20, 5, padding=2, **kw)
         self.pool1 = PoolIF()

@@ -19,12 +19,13 @@ DEFAULTS = dict(cifar10_ResNet11.DEFAULTS, dataset="svhn", tag="svhn_r7")
 
 
 class ResNet7(SpikingNetwork):
-    def __init__(self, time_steps=100, leak=0.99, dropout=0.25):
-        super().__init__(time_steps, leak)
+    def __init__(self, time_steps=100, leak=0.99, dropout=0.25, time_chunk=None):
+        super().__init__(time_steps, leak, time_chunk)
         kw = dict(padding=1, leak=leak, dropout=dropout)
         self.cnn11 = SpikingConv2d(3, 64, 3, **kw)
         self.pool1 = PoolIF()
         self.cnn21, self.cnn22 = SpikingConv2d(64, 128, 3, **kw), SpikingConv2d(128, 128, 3, **kw)
+        # Sequential: the authors' checkpoints name these weights shortcut1.0.weight, ...
         self.shortcut1 = nn.Sequential(Conv2d(64, 128, 1))
         self.cnn31, self.cnn32 = SpikingConv2d(128, 256, 3, **kw), SpikingConv2d(256, 256, 3, stride=2, **kw)
         self.shortcut2 = nn.Sequential(Conv2d(128, 256, 1, stride=2))

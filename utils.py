@@ -62,6 +62,11 @@ from torchvision import datasets
 from torchvision import transforms as T
 from tqdm import tqdm
 
+try:
+    import spiking_kernels  # reads SPIKING_BACKEND
+except RuntimeError as e:  # an unknown or unavailable backend: one line, not a traceback
+    raise SystemExit(f"error: {e}")
+
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install -y dataset-fashion-mnist
 
 
@@ -159,6 +164,10 @@ def setup(args):
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but no CUDA device is available")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    try:
+        spiking_kernels.check_device(device)
+    except spiking_kernels.BackendError as e:
+        raise SystemExit(f"error: {e}")
     if cuda:
         torch.cuda.set_device(device)
     if args.distributed:
@@ -764,8 +773,7 @@ def run(Model, args, device):
         log(args, f"=> --time-sweep goes to {args.time_sweep[-1]} steps: evaluating with --time-steps "
             f"{args.time_sweep[-1]} instead of {args.time_steps}")
         args.time_steps = args.time_sweep[-1]
-    net = Model(time_steps=args.time_steps, leak=args.leak, dropout=args.dropout).to(device)
-    net.time_chunk = args.time_chunk
+    net = Model(time_steps=args.time_steps, leak=args.leak, dropout=args.dropout, time_chunk=args.time_chunk).to(device)
     optimizer = torch.optim.SGD(net.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_steps, gamma=0.2)  # the paper's ×0.2
     set_lr_for_epoch(optimizer, scheduler, args.start_epoch, args)

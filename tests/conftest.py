@@ -1,12 +1,69 @@
-"""Fixtures for the script tests: the repository on sys.path, a subprocess runner, tiny offline flags."""
+"""Shared fixtures and helpers: the repository on sys.path, the four networks, spike trains, a subprocess
+runner, tiny offline flags, the Fashion-MNIST guard."""
+import importlib
 import os
 import subprocess
 import sys
 
-import pytest
+# Triton's kernels run on CPU tensors in its interpreter unless told otherwise (a GPU machine sets
+# TRITON_INTERPRET=0 to test them compiled); it is read when triton is imported, hence before torch
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# script -> (network class, the paper's weights in network order with their shapes, one input image)
+NETWORKS = {
+    "mnist_LeNet.py": ("LeNet", {
+        "cnn1": (20, 1, 5, 5), "cnn2": (50, 20, 5, 5), "fc0": (200, 2450), "fc1": (10, 200)}, (1, 28, 28)),
+    "cifar10_VGG9.py": ("VGG9", {
+        "cnn11": (64, 3, 3, 3), "cnn12": (64, 64, 3, 3),
+        "cnn21": (128, 64, 3, 3), "cnn22": (128, 128, 3, 3),
+        "cnn31": (256, 128, 3, 3), "cnn32": (256, 256, 3, 3), "cnn33": (256, 256, 3, 3),
+        "fc0": (1024, 4096), "fc1": (10, 1024)}, (3, 32, 32)),
+    "cifar10_ResNet11.py": ("ResNet11", {
+        "cnn11": (64, 3, 3, 3),
+        "cnn21": (128, 64, 3, 3), "cnn22": (128, 128, 3, 3), "shortcut1.0": (128, 64, 1, 1),
+        "cnn31": (256, 128, 3, 3), "cnn32": (256, 256, 3, 3), "shortcut2.0": (256, 128, 1, 1),
+        "cnn41": (512, 256, 3, 3), "cnn42": (512, 512, 3, 3), "shortcut3.0": (512, 256, 1, 1),
+        "cnn51": (512, 512, 3, 3), "cnn52": (512, 512, 3, 3),
+        "fc0": (1024, 8192), "fc1": (10, 1024)}, (3, 32, 32)),
+    "svhn_ResNet.py": ("ResNet7", {
+        "cnn11": (64, 3, 3, 3),
+        "cnn21": (128, 64, 3, 3), "cnn22": (128, 128, 3, 3), "shortcut1.0": (128, 64, 1, 1),
+        "cnn31": (256, 128, 3, 3), "cnn32": (256, 256, 3, 3), "shortcut2.0": (256, 128, 1, 1),
+        "fc0": (1024, 16384), "fc1": (10, 1024)}, (3, 32, 32)),
+}
+TAGS = {"mnist_LeNet.py": "mnist1", "cifar10_VGG9.py": "cifar10_v9", "cifar10_ResNet11.py": "cifar10_r11",
+        "svhn_ResNet.py": "svhn_r7"}
+SCRIPTS = list(NETWORKS)
+
+
+def network(script, **kw):
+    """(network, script module): the script's network class built with kw."""
+    module = importlib.import_module(script[:-3])
+    return getattr(module, NETWORKS[script][0])(**kw), module
+
+
+def signed_spikes(shape, rate=0.3, seed=0, device="cpu"):
+    """Random spikes in {-1, 0, 1} (float64), firing with probability `rate`."""
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.rand(shape, generator=g) < rate).double() * torch.sign(torch.randn(shape, generator=g))
+    return s.to(device)
+
+
+@pytest.fixture
+def fashion_mnist():
+    """Skips a test that needs Fashion-MNIST where it is not installed; fails it in CI, which installs it."""
+    import utils
+    if not os.path.isdir(utils.DEBIAN_FASHION_MNIST):
+        if os.environ.get("CI"):
+            pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    return utils.DEBIAN_FASHION_MNIST
 
 
 @pytest.fixture

@@ -1,17 +1,45 @@
-"""The time-chunked engine against the per-step autograd reference (tests/reference.py), float64.
+"""The time-chunked engine against the per-step autograd reference (tests/reference.py), on every
+backend (spiking_kernels/): tensor operations, numba loops (with and without event-driven
+convolutions), Triton kernels (in Triton's interpreter on a CPU, compiled on a GPU).
 
-Spikes must be identical; outputs and gradients agree within 1e-10 relative, whatever the chunk
-size (time steps per call)."""
+Spikes must be identical; outputs and gradients agree within 1e-10 relative in float64, whatever
+the chunk size (time steps per call)."""
 import math
+import os
+import sys
 
 import pytest
 import torch
 
+import spiking_kernels
 import spiking_layers as sl
+from conftest import NETWORKS, ROOT, network, signed_spikes
 from reference import leak_correction, reference_forward, reference_lif, reference_output, reference_pool_neuron
+from spiking_kernels import numba_cpu
+from spiking_kernels.layout import is_channels_last
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+BACKENDS = ["numba", "numba-events", "torch", "triton"]
 TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, device, monkeypatch):
+    """Every backend, selected as SPIKING_BACKEND would; "numba-events" also sends every eligible
+    convolution to the event-driven kernels, whatever the input's density."""
+    name = request.param.split("-")[0]
+    if not spiking_kernels._load(name).runs_on(torch.empty(0, device=device)):
+        pytest.skip(f"{name} does not run on {device} tensors here")
+    previous = spiking_kernels.use(name)
+    if request.param == "numba-events":
+        monkeypatch.setattr(numba_cpu, "EVENT_DENSITY", dict(forward=1.1, weight_grad=1.1))
+    yield request.param
+    spiking_kernels.use(previous)
 
 
 def chunk_sizes(T):
@@ -23,19 +51,6 @@ def chunk_sizes(T):
 
 
 CASES = [(T, k) for T in (1, 5, 12, 37) for k in chunk_sizes(T)]
-
-
-@pytest.fixture(params=["compiled", "events", "compiled-nchw", "tensor-ops"])
-def kernels(request, monkeypatch):
-    """Every implementation: the compiled CPU loops on channels-last tensors (with the dense
-    convolutions a freshly initialised network takes), the same with every eligible convolution on
-    events whatever the density, the compiled loops on NCHW tensors, and the tensor operations
-    and NCHW layout GPUs run (checked here on the CPU)."""
-    monkeypatch.setattr(sl, "CPU_KERNELS", request.param != "tensor-ops" and sl.numba is not None)
-    monkeypatch.setattr(sl, "CHANNELS_LAST", request.param in ("compiled", "events"))
-    if request.param == "events":
-        monkeypatch.setattr(sl, "EVENT_DENSITY", dict(forward=1.1, weight_grad=1.1))
-    return request.param
 
 
 def run_chunks(module, current_seq, k):
@@ -57,10 +72,13 @@ def edge_currents(T, n=40, v_th=1.0, device="cpu", seed=0):
     return i.to(device).requires_grad_()
 
 
-def test_leak_correction_by_hand(kernels):
+# ----------------------------------------------------------------------------------------------
+# Neurons
+
+def test_leak_correction_by_hand(backend, device):
     """Spikes at steps 0 and 3 of T = 4, λ = 0.99: LF = λ³ + 1, N = 2."""
     lif = sl.LIF(leak=0.99)
-    current = torch.tensor([1.5, 0.2, 0.2, 1.5], dtype=torch.float64).view(4, 1, 1).requires_grad_()
+    current = torch.tensor([1.5, 0.2, 0.2, 1.5], dtype=torch.float64, device=device).view(4, 1, 1).requires_grad_()
     spikes = run_chunks(lif, current, 4)
     assert spikes.flatten().tolist() == [1.0, 0.0, 0.0, 1.0]
     G = lif.window.G(0.99).item()
@@ -71,18 +89,17 @@ def test_leak_correction_by_hand(kernels):
     assert grad.flatten().tolist() == pytest.approx([0.0, G, G, G], rel=1e-14)
 
 
-def test_silent_neuron_has_zero_gradient():
+def test_silent_neuron_has_zero_gradient(backend, device):
     lif = sl.LIF()
-    current = torch.full((6, 1, 1), 0.1, dtype=torch.float64, requires_grad=True)
+    current = torch.full((6, 1, 1), 0.1, dtype=torch.float64, device=device, requires_grad=True)
     spikes = run_chunks(lif, current, 2)
     assert spikes.sum() == 0 and lif.window.G(0.99).item() == 0.0
     grad, = torch.autograd.grad((spikes * 3).sum(), current)
     assert torch.count_nonzero(grad) == 0
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T,k", CASES)
-def test_lif_layer(T, k, device, kernels):
+def test_lif_layer(T, k, backend, device):
     current = edge_currents(T, device=device)
     upstream = torch.randn(current.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device)
     ref, ref_G = reference_lif(current, leak=0.99)
@@ -97,9 +114,8 @@ def test_lif_layer(T, k, device, kernels):
     torch.testing.assert_close(grad, ref_grad, **TOL)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T,k", CASES)
-def test_pool_neuron(T, k, device, kernels):
+def test_pool_neuron(T, k, backend, device):
     current = edge_currents(T, v_th=0.75, device=device, seed=2)
     upstream = torch.randn(current.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3)).to(device)
     ref = reference_pool_neuron(current)
@@ -110,6 +126,42 @@ def test_pool_neuron(T, k, device, kernels):
     torch.testing.assert_close(grad, ref_grad, **TOL)
 
 
+def test_float32_spikes_match_reference(backend, device):
+    current = edge_currents(20, device=device).detach().float().requires_grad_()
+    upstream = torch.randn(current.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    ref, _ = reference_lif(current)
+    ref_grad, = torch.autograd.grad((ref * upstream).sum(), current)
+    out = run_chunks(sl.LIF(), current, 3)
+    grad, = torch.autograd.grad((out * upstream).sum(), current)
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_neurons_and_pooling_keep_either_layout(backend, device):
+    """Neurons and pooling on NCHW and on channels-last chunks: the reference's spikes and
+    gradients, in the input's layout (the kernels walk memory order)."""
+    spikes = signed_spikes((5, 2, 3, 6, 6), rate=0.6, device=device).abs()
+    for channels_last in (False, True):
+        x = spikes.flatten(0, 1)
+        x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).unflatten(0, (5, 2))
+        x = x.detach().requires_grad_()
+        pool = sl.PoolIF()
+        out = run_chunks(pool, x, 2)
+        g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
+        grad, = torch.autograd.grad(out, x, g)
+        x_ref = spikes.clone().requires_grad_()
+        ref = reference_pool_neuron(torch.nn.functional.avg_pool2d(x_ref.flatten(0, 1), 2).unflatten(0, (5, 2)))
+        ref_grad, = torch.autograd.grad(ref, x_ref, g)
+        assert torch.equal(out, ref) and out.sum() > 0
+        torch.testing.assert_close(grad, ref_grad, **TOL)
+        assert is_channels_last(pool.u) == channels_last
+        pool.reset()
+        assert is_channels_last(pool(x[:2])[0]) == channels_last
+
+
+# ----------------------------------------------------------------------------------------------
+# The output integrator and whole networks
+
 class Identity(sl.SpikingNetwork):
     """The output integrator alone: step() hands the input through as output currents."""
 
@@ -118,12 +170,11 @@ class Identity(sl.SpikingNetwork):
 
 
 @pytest.mark.parametrize("T,k", CASES)
-def test_output_integrator(T, k):
-    current = torch.randn(T, 3, 10, dtype=torch.float64, requires_grad=True)
+def test_output_integrator(T, k, backend, device):
+    current = torch.randn(T, 3, 10, dtype=torch.float64, device=device, requires_grad=True)
     ref = reference_output(current, leak=0.99)
     ref_grad, = torch.autograd.grad(ref.pow(2).sum(), current)
-    net = Identity(time_steps=T, leak=0.99)
-    net.time_chunk = k
+    net = Identity(time_steps=T, leak=0.99, time_chunk=k)
     out = net(current)
     grad, = torch.autograd.grad(out.pow(2).sum(), current)
     torch.testing.assert_close(out, ref, **TOL)
@@ -143,12 +194,6 @@ class Stack3(sl.SpikingNetwork):
     def step(self, x):                    # (k, B, 2, 8, 8)
         x = self.pool(self.conv(x))       # (k, B, 6, 4, 4)
         return self.fc(x.flatten(2))      # (k, B, 10)
-
-
-def signed_spikes(shape, rate=0.3, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    s = (torch.rand(shape, generator=g) < rate).double() * torch.sign(torch.randn(shape, generator=g))
-    return s.to(device)
 
 
 def compare_with_reference(net, arch, spike_seq, k):
@@ -175,25 +220,57 @@ def compare_with_reference(net, arch, spike_seq, k):
     return masks, record
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("T,k", CASES)
-def test_conv_pool_linear_stack(T, k, device, kernels):
+def test_conv_pool_linear_stack(T, k, backend, device):
     torch.manual_seed(T * 100 + k)
     net = Stack3(T, dropout=0.25).double().to(device)
     masks, record = compare_with_reference(net, "stack3", signed_spikes((T, 3, 2, 8, 8), device=device), k)
     assert set(masks) == {"conv"} and (masks["conv"] == 0).any()
     # G is the engine's own, from the whole window, whatever the chunking
     torch.testing.assert_close(net.conv.window.G(0.99), record["G.conv"], **TOL)
-    # the layout the mode is meant to test: channels-last for CPU convolutions unless switched off
-    channels_last = device == "cpu" and sl.CHANNELS_LAST
-    assert sl._is_channels_last(net.conv.u) == sl._is_channels_last(net.pool.u) == channels_last
+    # convolutions, and the neurons after them, run channels-last where the backend says so
+    cl = spiking_kernels.for_tensor(net.conv.u).channels_last
+    assert is_channels_last(net.conv.u) == is_channels_last(net.pool.u) == cl
 
 
-def test_eval_mode_matches_training_forward():
+ARCHS = {"mnist_LeNet.py": "lenet", "cifar10_VGG9.py": "vgg9", "cifar10_ResNet11.py": "resnet11",
+         "svhn_ResNet.py": "resnet7"}
+
+
+@pytest.mark.parametrize("script", list(ARCHS))
+def test_network_matches_reference(script, backend, device):
+    """The paper's networks, with dropout, T = 3 in chunks of 2 and 1: outputs, input gradient and
+    every weight's gradient against the per-step reference. The init is scaled up (gain 8) so that
+    every layer fires within 3 steps."""
+    T = 3
+    torch.manual_seed(0)
+    net = network(script, time_steps=T, dropout=0.2)[0].double().to(device)
+    sl.init_weights(net, gain=8.0)
+    compare_with_reference(net, ARCHS[script], signed_spikes((T, 2, *NETWORKS[script][2]), 0.5, device=device), 2)
+
+
+def test_images_and_their_spike_train_give_the_same_step(backend, device):
+    """model(images) encodes them and trusts its own spikes (no check, no device sync); model(spike
+    train) checks the train once. Same spikes, same output and gradients."""
+    results = []
+    for encode_outside in (False, True):
+        torch.manual_seed(0)
+        net = Stack3(4, dropout=0.25).double().to(device)
+        images = torch.rand(3, 2, 8, 8, dtype=torch.float64, device=device) * 2 - 1
+        x = net.encode(images) if encode_outside else images
+        out = net(x)
+        out.pow(2).sum().backward()
+        results.append([out.detach(), net.conv.mask] + [p.grad for p in net.parameters()])
+    assert results[0][0].abs().sum() > 0, "the test needs a firing network"
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_eval_mode_matches_training_forward(backend, device):
     """No grad, no dropout: the same spikes, hence the same output as the training forward."""
     torch.manual_seed(0)
-    net = Stack3(7).double()
-    x = signed_spikes((7, 2, 2, 8, 8))
+    net = Stack3(7).double().to(device)
+    x = signed_spikes((7, 2, 2, 8, 8), device=device)
     train_out = net(x)
     net.eval()
     with torch.no_grad():
@@ -202,59 +279,114 @@ def test_eval_mode_matches_training_forward():
         torch.testing.assert_close(net(x), train_out.detach(), rtol=0, atol=0)
 
 
-def test_float32_spikes_match_reference(kernels):
-    current = edge_currents(20).detach().float().requires_grad_()
-    ref, _ = reference_lif(current)
-    out = run_chunks(sl.LIF(), current, 3)
-    assert out.dtype == torch.float32 and torch.equal(out, ref)
-
-
-def test_bf16_autocast_keeps_spikes_exact_and_membranes_fp32(kernels):
+def test_bf16_autocast_keeps_spikes_exact_and_membranes_fp32(backend, device):
     torch.manual_seed(0)
-    net = Stack3(6)
-    x = signed_spikes((6, 4, 2, 8, 8)).float()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    net = Stack3(6).to(device)
+    x = signed_spikes((6, 4, 2, 8, 8), device=device).float()
+    with torch.autocast(device, dtype=torch.bfloat16):
         out = net(x)
         assert net.conv.u.dtype == torch.float32 and net.pool.u.dtype == torch.float32
         spikes = net.conv(x[:1])
-        # bf16 where the tensor operations run (GPUs); float32 for the compiled CPU loops
-        assert spikes.dtype == (torch.float32 if kernels != "tensor-ops" else torch.bfloat16)
+        # bf16 where the currents are (tensor operations, Triton); float32 for numba, which has no bf16
+        assert spikes.dtype == (torch.float32 if backend.startswith("numba") else torch.bfloat16)
         assert set(spikes.unique().tolist()) <= {0.0, 1.0}
     out.pow(2).sum().backward()
     assert out.dtype == torch.float32 and torch.isfinite(net.conv.weight.grad).all()
     assert net.conv.weight.grad.dtype == torch.float32
 
 
-def test_backward_keeps_spikes_in_bytes_and_bits():
+def test_backward_keeps_spikes_in_bytes_and_bits(backend, device):
     """No float currents, membranes or spikes are kept for backward: the synapses keep their input
-    spikes in int8, the neurons theirs as bits (a CPU) or bool (tensor operations), besides the
-    weights and the per-neuron dropout masks."""
+    spikes in int8, the neurons theirs as bits (T/8 bytes per neuron), besides the weights and
+    the per-neuron dropout masks."""
     torch.manual_seed(0)
     T, B = 10, 4
-    net = Stack3(T, dropout=0.25)
+    net = Stack3(T, dropout=0.25).to(device)
     params = {p.data_ptr() for p in net.parameters()}
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        net(signed_spikes((T, B, 2, 8, 8)).float()).sum().backward()
+        net(signed_spikes((T, B, 2, 8, 8), device=device).float()).sum().backward()
     kept = [t for t in saved if t.data_ptr() not in params]
     assert any(t.dtype == torch.int8 for t in kept), "no synapse input was saved: the hook did not see the engine"
-    for t in kept:  # int8 spikes of k·B images; float only for a dropout mask (B, ...)
-        assert t.dtype in (torch.bool, torch.int8) or (t.shape[0] == B and t.dim() in (2, 4)), (t.dtype, t.shape)
+    for t in kept:  # int8 spikes of k·B images; nothing else
+        assert t.dtype == torch.int8, (t.dtype, t.shape)
     for name, layer in net.neuron_layers():
         record = layer.window.record
         assert record.dtype == torch.uint8 and record.shape == ((T + 7) // 8, layer.spike_count.numel()), name
 
 
-def test_synapse_gradcheck():
+def test_synapse_gradcheck(backend, device):
     """The conv/linear synapse is linear, so its hand-written backward must be the exact
     derivative: gradcheck with graded inputs (kept as float) and spike inputs (kept in int8)."""
-    conv = sl.Conv2d(2, 3, 3, stride=2, padding=1).double()
-    fc = sl.Linear(5, 4).double()
+    conv = sl.Conv2d(2, 3, 3, stride=2, padding=1).double().to(device)
+    fc = sl.Linear(5, 4).double().to(device)
     for layer, shape in ((conv, (2, 3, 2, 5, 5)), (fc, (3, 2, 5))):
         for x in (torch.randn(shape, dtype=torch.float64), signed_spikes(shape) * 1.25):
-            x.requires_grad_()
-            assert torch.autograd.gradcheck(lambda x, w: sl._Synapse.apply(x, w, layer), (x, layer.weight))
+            x = x.to(device).requires_grad_()
+            assert torch.autograd.gradcheck(lambda x, w: sl._Synapse.apply(x, w, layer), (x, layer.weight),
+                                          fast_mode=True)
 
+
+# ----------------------------------------------------------------------------------------------
+# The backend switch, and what a GPU step costs
+
+def test_backend_switch(monkeypatch):
+    """SPIKING_BACKEND selects the backends per device; an unknown or unavailable one is one line."""
+    previous = spiking_kernels.use("auto")
+    try:
+        assert spiking_kernels.for_tensor(torch.zeros(1)).name == "numba"
+        spiking_kernels.use("torch")
+        assert spiking_kernels.for_tensor(torch.zeros(1)).name == "torch" and spiking_kernels.active() == "torch"
+        with pytest.raises(spiking_kernels.BackendError, match="one of auto, torch, numba, triton"):
+            spiking_kernels.use("cuda")
+        assert spiking_kernels.active() == "torch"  # a refused choice leaves the previous one
+    finally:
+        spiking_kernels.use(previous)
+
+
+@pytest.mark.parametrize("value,phrase", [("bogus", "must be one of auto, torch, numba, triton, got 'bogus'"),
+                                          ("triton", "needs a CUDA GPU")])
+def test_bad_backend_from_the_shell_is_one_line(value, phrase, run_script, clean_error):
+    if value == "triton" and torch.cuda.is_available():
+        pytest.skip("a GPU is here: SPIKING_BACKEND=triton is valid")
+    p = run_script("mnist_LeNet.py", "--synthetic", env={"SPIKING_BACKEND": value, "TRITON_INTERPRET": "0"})
+    clean_error(p, "SPIKING_BACKEND", phrase)
+
+
+def test_numba_on_a_gpu_is_refused_before_any_work():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    previous = spiking_kernels.use("numba")
+    try:
+        with pytest.raises(spiking_kernels.BackendError, match="does not run on cuda tensors"):
+            spiking_kernels.check_device(torch.device("cuda"))
+    finally:
+        spiking_kernels.use(previous)
+
+
+def test_triton_step_launches_do_not_grow_with_T():
+    """A VGG9 training step on the Triton backend, all steps in one chunk: the aten operations it
+    dispatches (each a launch or host work on a GPU) and its kernel launches are the same at T = 20
+    and T = 100 (the per-step tensor operations dispatch ~4.5× more at T = 100), and none of them
+    waits for the device (no .item(), torch.equal, .tolist())."""
+    if not (torch.cuda.is_available() or spiking_kernels._interpreting()):
+        pytest.skip("Triton runs neither compiled (no GPU) nor interpreted here")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from count_ops import training_step_counts
+    previous = spiking_kernels.use("triton")
+    try:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        (ops20, launches20), (ops100, launches100) = (training_step_counts(T, 1, device) for T in (20, 100))
+    finally:
+        spiking_kernels.use(previous)
+    assert sum(ops100.values()) <= 1.5 * sum(ops20.values()) and sum(ops20.values()) < 1000
+    assert launches20 == launches100 and launches20["_fire_kernel"] == 11 and launches20["_backprop_kernel"] == 11
+    syncs = {"_local_scalar_dense", "item", "equal", "is_nonzero", "tolist"}
+    assert not syncs & set(ops100), {k: ops100[k] for k in syncs & set(ops100)}
+
+
+# ----------------------------------------------------------------------------------------------
+# numba: --amp, threads, event-driven convolutions
 
 def test_amp_drift_from_float32_is_bounded():
     """--amp (bf16 autocast) changes the numerics: currents carry ~3 significant digits, so
@@ -287,25 +419,24 @@ def test_amp_drift_from_float32_is_bounded():
         assert (p16 - p32).norm() < 0.6 * (p32 - p0).norm(), name
 
 
-def test_pooling_split_across_threads_is_exact(monkeypatch):
+def test_pooling_split_across_threads_is_exact():
     """Large chunks are pooled by several threads, each over its own images, in either layout: the
     result must equal avg_pool2d's and its gradient, to the bit, and keep the input's layout."""
-    monkeypatch.setattr(sl, "CPU_KERNELS", sl.numba is not None)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         spikes = signed_spikes((3, 8, 20, 28, 28)).float()  # 24 images of 20 maps of 28×28
         for channels_last in (False, True):
-            x = (sl.channels_last(spikes.flatten(0, 1)).unflatten(0, (3, 8)) if channels_last else spikes)
+            x = (spiking_kernels.layout.channels_last(spikes.flatten(0, 1)).unflatten(0, (3, 8)) if channels_last else spikes)
             x = x.detach().requires_grad_()
-            images = sl._images(x.flatten(0, 1), channels_last)
-            assert images.shape[0] // sl._maps(images) >= 2, "too small to be split: the test would be vacuous"
+            images = numba_cpu._images(x.flatten(0, 1), channels_last)
+            assert images.shape[0] // numba_cpu._maps(images) >= 2, "too small to be split: the test would be vacuous"
             y = sl._AvgPool2x2.apply(x)
             ref = torch.nn.functional.avg_pool2d(x.flatten(0, 1), 2).view_as(y)
             g = torch.randn_like(y)
-            assert torch.equal(y, ref) and sl._is_channels_last(y) == channels_last
+            assert torch.equal(y, ref) and is_channels_last(y) == channels_last
             grad, ref_grad = torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0]
-            assert torch.equal(grad, ref_grad) and sl._is_channels_last(grad) == channels_last
+            assert torch.equal(grad, ref_grad) and is_channels_last(grad) == channels_last
     finally:
         torch.set_num_threads(threads)
 
@@ -320,8 +451,8 @@ def event_calls(monkeypatch):
             calls[name] += 1
             return fn(*args)
         return wrapper
-    monkeypatch.setattr(sl, "_event_current", counted("forward", sl._event_current))
-    monkeypatch.setattr(sl, "_event_weight_grad", counted("weight_grad", sl._event_weight_grad))
+    monkeypatch.setattr(numba_cpu, "event_current", counted("forward", numba_cpu.event_current))
+    monkeypatch.setattr(numba_cpu, "event_weight_grad", counted("weight_grad", numba_cpu.event_weight_grad))
     return calls
 
 
@@ -339,7 +470,7 @@ def test_event_driven_convolution_matches_dense(dtype, monkeypatch, event_calls)
             x = x.to(dtype)
             results = []
             for threshold in (0.0, 1.1):  # dense, then events
-                monkeypatch.setattr(sl, "EVENT_DENSITY", dict(forward=threshold, weight_grad=threshold))
+                monkeypatch.setattr(numba_cpu, "EVENT_DENSITY", dict(forward=threshold, weight_grad=threshold))
                 xx = x.clone().requires_grad_()
                 y = sl.synapse(layer, xx)
                 g = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
@@ -359,13 +490,13 @@ def test_event_kernels_handle_stride_and_padding():
         x = signed_spikes((2, 3, c, 9, 9), rate=0.2)
         q, s = x.to(torch.int8), torch.tensor(1.5, dtype=torch.float64)
         w = layer.weight.detach()
-        out = sl._event_current(layer, q, s, w)
+        out = numba_cpu.event_current(layer, q, s, w)
         ref = torch.nn.functional.conv2d(x.flatten(0, 1) * 1.5, w, None, stride, pad)
         torch.testing.assert_close(out, ref, **TOL)
         g = torch.randn(2, 3, *ref.shape[1:], dtype=torch.float64)
         ref_w = torch.ops.aten.convolution_backward(g.flatten(0, 1), x.flatten(0, 1) * 1.5, w, None, [stride] * 2,
                                                     [pad] * 2, [1, 1], False, [0, 0], 1, [False, True, False])[1]
-        torch.testing.assert_close(sl._event_weight_grad(layer, q, s, w, g), ref_w, **TOL)
+        torch.testing.assert_close(numba_cpu.event_weight_grad(layer, q, s, w, g), ref_w, **TOL)
 
 
 def test_event_path_is_taken_by_input_density(event_calls):
@@ -373,7 +504,7 @@ def test_event_path_is_taken_by_input_density(event_calls):
     not Linear layers or strided convolutions, where events measured slower."""
     conv, strided, fc = sl.Conv2d(4, 6, 3, padding=1), sl.Conv2d(4, 6, 3, stride=2, padding=1), sl.Linear(256, 5)
     sparse = signed_spikes((5, 2, 4, 8, 8), rate=0.01).abs().float().requires_grad_()
-    assert 0 < sparse.count_nonzero() < sl.EVENT_DENSITY["weight_grad"] * sparse.numel()
+    assert 0 < sparse.count_nonzero() < numba_cpu.EVENT_DENSITY["weight_grad"] * sparse.numel()
     dense = signed_spikes((5, 2, 4, 8, 8), rate=0.3).abs().float().requires_grad_()
     sl.synapse(conv, sparse).sum().backward()
     assert event_calls == {"forward": 1, "weight_grad": 1}

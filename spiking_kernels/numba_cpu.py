@@ -1,0 +1,358 @@
+"""The recursions as compiled loops for CPU tensors (numba), and event-driven convolutions.
+
+One pass over a chunk instead of several tensor operations per time step; the loops of one call
+run on torch's CPU threads, each over its own range of neurons (or images, or channels). The
+arithmetic is that of tensor_ops.py, operation for operation, so spikes and gradients are the same
+bits. float32 and float64 run compiled; other dtypes (bf16 spikes of a user's own code) run as
+tensor operations. Convolutions run channels-last (layout.py), and the loops walk memory order.
+"""
+import concurrent.futures
+import functools
+import math
+
+import numba
+import torch
+import torch.nn as nn
+
+from . import tensor_ops
+from .layout import channels_last as to_channels_last, flat, is_channels_last
+
+name = "numba"
+channels_last = True  # oneDNN's convolutions are fastest so on a CPU (docs/performance.md)
+events = True         # event-driven convolutions: event_eligible, event_current, event_weight_grad
+
+
+def runs_on(t):
+    return t.device.type == "cpu"
+
+
+def _compiled(t):
+    return t.dtype in (torch.float32, torch.float64)
+
+
+def _kernel(fn):
+    # nogil: the loops of one call run on several threads at once, each over its own range
+    return numba.njit(cache=True, nogil=True)(fn)
+
+
+def _inlined(fn):
+    # inlined into the calling kernels: as a plain call, the event kernels ran several times slower
+    return numba.njit(inline="always", cache=True)(fn)
+
+
+U64 = numba.uint64  # unsigned loop indices: numba then skips the negative-index check and vectorizes
+BLOCK = 2048        # neurons per block: their state stays in L1 cache over a chunk's steps
+NO_RECORD = torch.empty(0, 0, dtype=torch.uint8)
+
+
+def _split(kernel, n, *args, grain=32768):
+    """kernel(lo, hi, *args) over [0, n), split across torch's CPU threads into parts of at
+    least `grain` (the loops are elementwise along n)."""
+    parts = max(1, min(torch.get_num_threads(), n // grain))
+    if parts == 1:
+        return [kernel(0, n, *args)]
+    edges = [n * i // parts // 64 * 64 if grain >= 64 else n * i // parts for i in range(parts)] + [n]
+    futures = [_helper_threads(parts - 1).submit(kernel, edges[i], edges[i + 1], *args) for i in range(1, parts)]
+    return [kernel(edges[0], edges[1], *args)] + [f.result() for f in futures]
+
+
+@functools.lru_cache(maxsize=None)
+def _helper_threads(workers):
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="spiking")
+
+
+# ----------------------------------------------------------------------------------------------
+# Neurons
+
+@_kernel
+def _fire_cpu(lo, hi, current, u, out, lf, n, v_th, leak, leaky_sum, record, t0, mask):
+    """Steps 2–5 for k steps of neurons lo..hi, N ← N + o_t, LF ← λ·LF + o_t; spike o_s (s = t0 + t)
+    goes to bit s % 8 of record[s // 8] if there is a record, out[t] = o_t (times mask[i] if any)."""
+    for b in range(lo, hi, BLOCK):  # a block's membranes stay in cache over the k steps
+        for t in range(current.shape[0]):
+            plane, bit = (t0 + t) >> 3, (t0 + t) & 7
+            for i in range(U64(b), U64(min(b + BLOCK, hi))):
+                v = u[i] + current[t, i]             # step 2: integrate
+                o = v > v_th                         # step 3: fire, strictly above threshold
+                out[t, i] = (mask[i] if o else 0.0) if mask.shape[0] else o
+                u[i] = (0.0 if o else v) * leak      # steps 4–5: hard reset, leak
+                n[i] += o
+                if leaky_sum:
+                    lf[i] = lf[i] * leak + o
+                if record.shape[0]:
+                    record[plane, i] |= o << bit
+
+
+@_kernel
+def _backprop_cpu(lo, hi, grad_spikes, record, t0, slope, carry, grad_current):
+    """gU'_t = slope · o_t · g_t + (1 − o_t) · gU'_{t+1}, backwards over k steps."""
+    for b in range(lo, hi, BLOCK):
+        for t in range(grad_spikes.shape[0] - 1, -1, -1):
+            plane, bit = (t0 + t) >> 3, (t0 + t) & 7
+            for i in range(U64(b), U64(min(b + BLOCK, hi))):
+                c = grad_spikes[t, i] * slope[i] if (record[plane, i] >> bit) & 1 else carry[i]
+                grad_current[t, i] = c
+                carry[i] = c
+
+
+@_kernel
+def _leaky_sum_cpu(lo, hi, current, u, leak):
+    """U ← λ(U + I_t) over k steps, for outputs lo..hi."""
+    for i in range(lo, hi):
+        v = u[i]
+        for t in range(current.shape[0]):
+            v = (v + current[t, i]) * leak
+        u[i] = v
+
+
+def fire(current, u, lf, n, record, t0, v_th, leak, leaky_sum, mask):
+    """tensor_ops.fire, compiled; the spikes are in the membrane's dtype (numba has no bf16)."""
+    current = current.to(u.dtype).contiguous()
+    out = torch.empty(current.shape, dtype=u.dtype)
+    no_mask = torch.empty(0, dtype=u.dtype)
+    _split(_fire_cpu, u.numel(), current.numpy(), u.numpy(), out.numpy(), lf.numpy(), n.numpy(), v_th, leak,
+           leaky_sum, (NO_RECORD if record is None else record).numpy(), t0,
+           (no_mask if mask is None else mask.to(u.dtype)).numpy())
+    return out
+
+
+def backprop(grad_spikes, record, t0, slope, carry):
+    """tensor_ops.backprop, compiled; carry is updated in place."""
+    grad_spikes = grad_spikes.to(slope.dtype).contiguous()
+    grad_current = torch.empty(grad_spikes.shape, dtype=slope.dtype)
+    _split(_backprop_cpu, carry.numel(), grad_spikes.numpy(), record.numpy(), t0, slope.numpy(), carry.numpy(),
+           grad_current.numpy())
+    return grad_current, carry
+
+
+def leaky_sum(current, u, leak):
+    """tensor_ops.leaky_sum, compiled."""
+    if not _compiled(u):
+        return tensor_ops.leaky_sum(current, u, leak)
+    u = u.clone()
+    _split(_leaky_sum_cpu, u.numel(), current.to(u.dtype).contiguous().numpy(), u.numpy(), leak)
+    return u
+
+
+# ----------------------------------------------------------------------------------------------
+# 2×2 pooling, on images (M, H, W, C) in memory order: (N, H, W, C) channels-last, else (N·C, H, W, 1)
+
+@_kernel
+def _pool_cpu(lo, hi, x, out):
+    """out = 2×2 average of x, (M, H, W, C) -> (M, H/2, W/2, C), for images lo..hi."""
+    for m in range(U64(lo), U64(hi)):
+        for h in range(out.shape[1]):
+            for w in range(out.shape[2]):
+                for c in range(U64(out.shape[3])):
+                    out[m, h, w, c] = (x[m, 2 * h, 2 * w, c] + x[m, 2 * h, 2 * w + 1, c]
+                                       + x[m, 2 * h + 1, 2 * w, c] + x[m, 2 * h + 1, 2 * w + 1, c]) * 0.25
+
+
+@_kernel
+def _unpool_cpu(lo, hi, g, out):
+    """The gradient of 2×2 average pooling: each input gets 1/4 of its output's gradient."""
+    for m in range(U64(lo), U64(hi)):
+        for h in range(g.shape[1]):
+            for w in range(g.shape[2]):
+                for c in range(U64(g.shape[3])):
+                    q = g[m, h, w, c] * 0.25
+                    out[m, 2 * h, 2 * w, c] = q
+                    out[m, 2 * h, 2 * w + 1, c] = q
+                    out[m, 2 * h + 1, 2 * w, c] = q
+                    out[m, 2 * h + 1, 2 * w + 1, c] = q
+
+
+def _images(x, channels_last):
+    """(N, C, H, W) as a (M, H, W, C') view in memory order: (N, H, W, C) if channels-last, else
+    (N·C, H, W, 1); the pooling loops then serve both layouts."""
+    if channels_last:
+        return x.permute(0, 2, 3, 1)
+    return x.view(-1, 1, *x.shape[2:]).permute(0, 2, 3, 1)
+
+
+def _maps(x):
+    """Images (M, H, W, C) per thread: as many pixels as _split's elementwise loops take."""
+    return max(1, 32768 // (x.shape[1] * x.shape[2] * x.shape[3]))
+
+
+def _pool_images(kernel, x, out_size):
+    """Runs a 2×2 pooling loop from x (N, C, H, W) to a new (N, C, *out_size), both in x's layout."""
+    cl = is_channels_last(x)
+    x = x if cl else x.contiguous()
+    out = torch.empty(*x.shape[:2], *out_size, dtype=x.dtype,
+                      memory_format=torch.channels_last if cl else torch.contiguous_format)
+    x, o = _images(x, cl), _images(out, cl)
+    _split(kernel, x.shape[0], x.numpy(), o.numpy(), grain=_maps(x if x.shape[1] > o.shape[1] else o))
+    return out
+
+
+def pool2x2(x):
+    if not _compiled(x):
+        return tensor_ops.pool2x2(x)
+    return _pool_images(_pool_cpu, x, (x.shape[2] // 2, x.shape[3] // 2))
+
+
+def unpool2x2(g):
+    if not _compiled(g):
+        return tensor_ops.unpool2x2(g)
+    return _pool_images(_unpool_cpu, g, (2 * g.shape[2], 2 * g.shape[3]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Spike packing
+
+@_kernel
+def _pack_cpu(lo, hi, x, q):
+    """q = sign(x) as int8; returns the largest and the smallest nonzero |x|, and how many are nonzero."""
+    largest, smallest, events = 0.0, math.inf, 0
+    for i in range(U64(lo), U64(hi)):
+        a = abs(x[i])
+        largest = max(largest, a)
+        smallest = min(smallest, a if a != 0 else math.inf)
+        events += a != 0
+        q[i] = (x[i] > 0) - (x[i] < 0)
+    return largest, smallest, events
+
+
+def pack(x, check=True):
+    """tensor_ops.pack in one pass, always checked (the pass sees every value anyway); also returns
+    the number of events (nonzero inputs), which decides whether a convolution runs on events."""
+    if not _compiled(x):
+        return tensor_ops.pack(x, check)
+    if not (x.is_contiguous() or is_channels_last(x)):
+        x = x.contiguous()
+    q = torch.empty_like(x, dtype=torch.int8)
+    parts = _split(_pack_cpu, q.numel(), flat(x).numpy(), flat(q).numpy())
+    largest, smallest = max(p[0] for p in parts), min(p[1] for p in parts)
+    if largest not in (0.0, smallest):
+        return None
+    return q, x.new_tensor(largest), sum(p[2] for p in parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Event-driven convolutions. An input spike adds one signed weight row (O currents) per kernel
+# offset, so a layer whose input fires at rate r needs r of a dense convolution's multiply-adds, for
+# its output and for its weight gradient (∂L/∂w is a sum over the input's spikes). A trained
+# network fires sparsely enough for this to beat the dense kernels; a fresh one on dense input does
+# not, and the dense path is taken (EVENT_DENSITY). The results are the same up to the order of
+# summation; the input gradient is always the dense one (oneDNN). Spikes and currents are
+# channels-last, and weights are laid out (KH, KW, C, O), so that a spike's rows are contiguous.
+
+# Input densities (spikes per input per step) below which a convolution runs on events: its output,
+# and its weight gradient (the crossovers that benchmarks/bench_events.py measures; docs/performance.md).
+EVENT_DENSITY = dict(forward=0.08, weight_grad=0.05)
+
+
+@_inlined
+def _target(i, k, pad, stride, size):
+    """The output index that input index i reaches through kernel offset k, or -1."""
+    t = i + pad - k
+    if t < 0 or t % stride:
+        return -1
+    t //= stride
+    return t if t < size else -1
+
+
+@_inlined
+def _add_signed(acc, row, sign):
+    """acc += row if sign > 0 else acc -= row (a branch per row, not a multiply per element)."""
+    if sign > 0:
+        for o in range(U64(acc.shape[0])):
+            acc[o] += row[o]
+    else:
+        for o in range(U64(acc.shape[0])):
+            acc[o] -= row[o]
+
+
+@_inlined
+def _spread(images, rows, n, iy, ix, c, sign, stride, pad, into_images):
+    """For each kernel offset (kh, kw) through which input (iy, ix) of image n reaches an output
+    (oy, ox): images[n, oy, ox] ±= rows[kh, kw, c] if into_images, else rows[kh, kw, c] ±=
+    images[n, oy, ox] (the output, and the weight gradient, of one spike)."""
+    for kh in range(rows.shape[0]):
+        oy = _target(iy, kh, pad, stride, images.shape[1])
+        if oy < 0:
+            continue
+        for kw in range(rows.shape[1]):
+            ox = _target(ix, kw, pad, stride, images.shape[2])
+            if ox < 0:
+                continue
+            if into_images:
+                _add_signed(images[n, oy, ox], rows[kh, kw, c], sign)
+            else:
+                _add_signed(rows[kh, kw, c], images[n, oy, ox], sign)
+
+
+@_kernel
+def _events_forward(lo, hi, q, w, out, stride, pad):
+    """out[n] (OH, OW, O) = Σ over the events of q[n] (H, W, C) of ±w rows, images lo..hi."""
+    for n in range(lo, hi):
+        out[n] = 0
+        for iy in range(q.shape[1]):
+            for ix in range(q.shape[2]):
+                for c in range(q.shape[3]):
+                    if q[n, iy, ix, c] != 0:
+                        _spread(out, w, n, iy, ix, c, q[n, iy, ix, c], stride, pad, True)
+
+
+@_kernel
+def _events_weight_grad(lo, hi, q, g, dw, stride, pad):
+    """dw[:, :, c] (KH, KW, O) = Σ over the events of q (N, H, W, C) at channel c of ±g rows,
+    channels lo..hi. g: ∂L/∂I as (N, OH, OW, O)."""
+    for n in range(q.shape[0]):  # images outer: an image's gradient stays in cache over the channels
+        for iy in range(q.shape[1]):
+            for ix in range(q.shape[2]):
+                for c in range(lo, hi):
+                    if q[n, iy, ix, c] != 0:
+                        _spread(g, dw, n, iy, ix, c, q[n, iy, ix, c], stride, pad, False)
+
+
+def event_eligible(layer, weight):
+    """A stride-1, square, ungrouped, undilated convolution (strided ones and Linear layers measured
+    slower on events in a training step)."""
+    return (_compiled(weight) and isinstance(layer, nn.Conv2d) and layer.stride == (1, 1)
+            and layer.kernel_size[0] == layer.kernel_size[1] and layer.kernel_size[0] > 1
+            and not isinstance(layer.padding, str) and layer.padding[0] == layer.padding[1]
+            and layer.dilation == (1, 1) and layer.groups == 1)
+
+
+_ROWS = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (its version, its rows)
+
+
+def _rows(weight):
+    """The weight as (KH, KW, C, O). Cached while the weight is unchanged (its version counter),
+    i.e. over all the chunks of a forward pass and its backward."""
+    cached = _ROWS.get(weight)
+    if cached is None or cached[0] != weight._version:
+        cached = _ROWS[weight] = (weight._version, weight.detach().permute(2, 3, 1, 0).contiguous())
+    return cached[1]
+
+
+def _scaled(x, s):
+    """x · s, skipping the pass for unit spikes."""
+    return x if s.item() == 1.0 else x * s.to(x.dtype)
+
+
+def unpack(q, s, dtype):
+    """tensor_ops.unpack, without the multiply for unit spikes."""
+    return _scaled(q.to(dtype), s)
+
+
+def event_current(layer, q, s, weight):
+    """layer(q · s) on events. q: (..., C, H, W) int8 spikes; returns (N, O, OH, OW), channels-last."""
+    x, rows, stride, pad = to_channels_last(q.flatten(0, -4)), _rows(weight), layer.stride[0], layer.padding[0]
+    size = [(n + 2 * pad - rows.shape[0]) // stride + 1 for n in x.shape[2:]]
+    out = torch.empty(x.shape[0], weight.shape[0], *size, dtype=weight.dtype, memory_format=torch.channels_last)
+    _split(_events_forward, x.shape[0], x.permute(0, 2, 3, 1).numpy(), rows.numpy(), out.permute(0, 2, 3, 1).numpy(),
+           stride, pad, grain=8)
+    return _scaled(out, s)
+
+
+def event_weight_grad(layer, q, s, weight, grad_current):
+    """∂L/∂w on events: q (..., C, H, W) int8 spikes, grad_current (..., O, OH, OW) = ∂L/∂I."""
+    x = to_channels_last(q.flatten(0, -4)).permute(0, 2, 3, 1)
+    g = to_channels_last(grad_current.flatten(0, -4).to(weight.dtype)).permute(0, 2, 3, 1)  # (N, OH, OW, O)
+    o, c, kh, kw = weight.shape
+    rows = weight.new_zeros(kh, kw, c, o)
+    _split(_events_weight_grad, c, x.numpy(), g.numpy(), rows.numpy(), layer.stride[0], layer.padding[0], grain=1)
+    return _scaled(rows.permute(3, 2, 0, 1).contiguous(), s)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import utils
-from test_scripts import NETWORKS, SCRIPTS, network
+from conftest import NETWORKS, SCRIPTS, network
 
 
 def run_main(script, argv):
@@ -95,7 +95,7 @@ def test_checkpoint_holds_plain_data_only(tmp_path, tiny):
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpointT1_x.pth.tar")
-    utils.save_atomic({"epoch": 1}, path)
+    utils.atomic_write(path, lambda f: torch.save({"epoch": 1}, f))
 
     def crash(obj, f):
         f.write(b"half a checkpoint")
@@ -103,7 +103,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        utils.save_atomic({"epoch": 2}, path)
+        utils.atomic_write(path, lambda f: torch.save({"epoch": 2}, f))
     assert os.listdir(tmp_path) == ["checkpointT1_x.pth.tar"]
     assert torch.load(path, weights_only=True) == {"epoch": 1}
 

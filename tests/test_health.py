@@ -1,6 +1,5 @@
 """Training health: a silent or saturated layer is reported once, early, with what to do about it."""
 import csv
-import os
 import types
 
 import pytest
@@ -91,11 +90,7 @@ def test_stop_on_dead_exits_with_one_line(silent_lenet, run_script, tiny, tmp_pa
     assert "=> epoch 1/5" not in p.stdout  # it stopped within the epoch
 
 
-def test_healthy_run_on_fashion_mnist_prints_no_warning(run_script, tmp_path):
-    if not os.path.isdir(utils.DEBIAN_FASHION_MNIST):
-        if os.environ.get("CI"):
-            pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
-        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+def test_healthy_run_on_fashion_mnist_prints_no_warning(run_script, tmp_path, fashion_mnist):
     # the paper's LeNet settings; at T = 16 every layer fires from the first batch (at T ≤ 8 fc0 starts silent)
     p = run_script("mnist_LeNet.py", "--dataset", "fashion-mnist", "--data-dir", tmp_path / "data",
                    "--time-steps", "16", "--limit-train", "384", "-b", "32", "--limit-val", "64", "--epochs", "1",

@@ -1,6 +1,5 @@
 """The four paper scripts: their networks (SPEC §3), their command line, and end-to-end runs."""
 import csv
-import importlib
 import os
 import re
 import subprocess
@@ -10,38 +9,7 @@ import pytest
 import torch
 
 import utils
-
-# script -> (network class, SPEC §3 weights in network order with their shapes, one input image)
-NETWORKS = {
-    "mnist_LeNet.py": ("LeNet", {
-        "cnn1": (20, 1, 5, 5), "cnn2": (50, 20, 5, 5), "fc0": (200, 2450), "fc1": (10, 200)}, (1, 28, 28)),
-    "cifar10_VGG9.py": ("VGG9", {
-        "cnn11": (64, 3, 3, 3), "cnn12": (64, 64, 3, 3),
-        "cnn21": (128, 64, 3, 3), "cnn22": (128, 128, 3, 3),
-        "cnn31": (256, 128, 3, 3), "cnn32": (256, 256, 3, 3), "cnn33": (256, 256, 3, 3),
-        "fc0": (1024, 4096), "fc1": (10, 1024)}, (3, 32, 32)),
-    "cifar10_ResNet11.py": ("ResNet11", {
-        "cnn11": (64, 3, 3, 3),
-        "cnn21": (128, 64, 3, 3), "cnn22": (128, 128, 3, 3), "shortcut1.0": (128, 64, 1, 1),
-        "cnn31": (256, 128, 3, 3), "cnn32": (256, 256, 3, 3), "shortcut2.0": (256, 128, 1, 1),
-        "cnn41": (512, 256, 3, 3), "cnn42": (512, 512, 3, 3), "shortcut3.0": (512, 256, 1, 1),
-        "cnn51": (512, 512, 3, 3), "cnn52": (512, 512, 3, 3),
-        "fc0": (1024, 8192), "fc1": (10, 1024)}, (3, 32, 32)),
-    "svhn_ResNet.py": ("ResNet7", {
-        "cnn11": (64, 3, 3, 3),
-        "cnn21": (128, 64, 3, 3), "cnn22": (128, 128, 3, 3), "shortcut1.0": (128, 64, 1, 1),
-        "cnn31": (256, 128, 3, 3), "cnn32": (256, 256, 3, 3), "shortcut2.0": (256, 128, 1, 1),
-        "fc0": (1024, 16384), "fc1": (10, 1024)}, (3, 32, 32)),
-}
-TAGS = {"mnist_LeNet.py": "mnist1", "cifar10_VGG9.py": "cifar10_v9", "cifar10_ResNet11.py": "cifar10_r11",
-        "svhn_ResNet.py": "svhn_r7"}
-SCRIPTS = list(NETWORKS)
-
-
-def network(script, **kw):
-    module = importlib.import_module(script[:-3])
-    return getattr(module, NETWORKS[script][0])(**kw), module
-
+from conftest import NETWORKS, SCRIPTS, TAGS, network
 
 # ----------------------------------------------------------------------------------------------
 # Networks
@@ -134,11 +102,7 @@ def test_absent_fashion_mnist_names_the_debian_package(monkeypatch, offline, tmp
     assert "apt-get install -y dataset-fashion-mnist" in str(e.value)
 
 
-def test_fashion_mnist_is_found_in_the_debian_package(tmp_path, capsys):
-    if not os.path.isdir(utils.DEBIAN_FASHION_MNIST):
-        if os.environ.get("CI"):
-            pytest.fail("Fashion-MNIST missing: apt-get install -y dataset-fashion-mnist")
-        pytest.skip("Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)")
+def test_fashion_mnist_is_found_in_the_debian_package(tmp_path, capsys, fashion_mnist):
     import mnist_LeNet
     args = utils.get_parser("", {**mnist_LeNet.DEFAULTS, "dataset": "fashion-mnist"}).parse_args(
         ["--data-dir", str(tmp_path), "--limit-val", "5"])

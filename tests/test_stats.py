@@ -8,9 +8,10 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import spiking_layers as sl
+from conftest import signed_spikes
 from mnist_LeNet import LeNet
-from utils import (SpikeStats, evaluate_with_stats, format_stats_table, plot_training_curves, save_stats_outputs,
-                   time_sweep_table, write_stats_json)
+from stats import SpikeStats, format_stats_table, plot_training_curves, time_sweep_table
+from utils import evaluate_with_stats, save_figure, save_stats_outputs, write_stats_json
 
 CPU = torch.device("cpu")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -40,11 +41,6 @@ class ConvPoolFc(sl.SpikingNetwork):
     def step(self, x):                    # (k, B, 2, 8, 8)
         x = self.pool(self.conv(x))       # (k, B, 6, 2, 2)
         return self.fc(x.flatten(2))      # (k, B, 10)
-
-
-def random_spikes(shape, rate=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.rand(shape, generator=g) < rate).double() * torch.sign(torch.randn(shape, generator=g))
 
 
 def run_stats(net, spike_seq):
@@ -87,7 +83,7 @@ def test_synops_match_brute_force_and_neuron_counts():
     one-hot input reaches (counted by running the conv); the fc's equal the pool's spikes × 10."""
     T, B = 6, 3
     net = ConvPoolFc(T).double()
-    x = random_spikes((T, B, 2, 8, 8))
+    x = signed_spikes((T, B, 2, 8, 8))
     stats = run_stats(net, x)
     ones = torch.ones_like(net.conv.weight)
     brute = 0
@@ -157,7 +153,7 @@ def test_sweep_accuracy_is_per_readout_top1():
     model = LeNet(time_steps=4).eval()
     images, target = torch.rand(5, 1, 28, 28), torch.randint(0, 10, (5,))
     torch.manual_seed(3)
-    result = evaluate_with_stats(model, [(images, target)], CPU, time_sweep=(1, 2), stats=False)
+    result = evaluate_with_stats(model, [(images, target)], CPU, time_sweep=(1, 2), count_spikes=False)
     torch.manual_seed(3)
     with torch.no_grad():
         out = model(images, readout_steps=(1, 2))
@@ -179,7 +175,7 @@ def test_readout_after_t_steps_is_a_run_of_t_steps(chunk):
     torch.manual_seed(0)
     net = ConvPoolFc(T).double().eval()
     net.time_chunk = chunk
-    x = random_spikes((T, 2, 2, 8, 8), seed=1)
+    x = signed_spikes((T, 2, 2, 8, 8), seed=1)
     with torch.no_grad():
         readouts = net(x, readout_steps=steps)
         assert readouts.shape == (len(steps) + 1, 2, 10)
@@ -229,15 +225,26 @@ def test_training_curves_tolerate_missing_columns(tmp_path):
     log = tmp_path / "log.csv"
     log.write_text("epoch,test_loss\n1,3.0\n2,2.0\n")
     assert (tmp_path / "c.png").exists() is False
-    assert plot_training_curves(str(log), str(tmp_path / "c.png")).endswith("c.png")
+    assert save_figure(plot_training_curves(str(log)), str(tmp_path / "c.png")).endswith("c.png")
     assert (tmp_path / "c.png").read_bytes()[:8] == PNG
     log.write_text("epoch,lr\n1,0.1\n")
-    assert plot_training_curves(str(log), str(tmp_path / "d.png")) is None
+    assert plot_training_curves(str(log)) is None and save_figure(None, str(tmp_path / "d.png")) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.png", "log.csv"]  # no temp file left behind
 
 
 def test_write_stats_json_creates_out_dir(tmp_path):
     path = write_stats_json({"layers": []}, str(tmp_path / "new"))
     assert json.loads(open(path).read()) == {"layers": []}
+
+
+def test_stats_json_is_strict_json(tmp_path):
+    """Undefined values (a ratio over zero operations, a non-finite loss) are null, never a bare NaN."""
+    path = write_stats_json({"energy": {"ann_over_snn": None}, "accuracy": {"loss": float("nan"),
+                             "ce": float("inf"), "prec1": 12.5}, "steps": [1.0, float("-inf")]}, str(tmp_path))
+    text = open(path).read()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"energy": {"ann_over_snn": None}, "accuracy": {"loss": None, "ce": None,
+                                                                               "prec1": 12.5}, "steps": [1.0, None]}
 
 
 def test_script_evaluate_stats_and_sweep(run_script, clean_error, tmp_path):

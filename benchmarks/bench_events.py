@@ -1,5 +1,5 @@
 """Event-driven against dense convolutions on the CPU, per layer and input density: where the
-crossovers that set spiking_layers.EVENT_DENSITY lie.
+crossovers that set spiking_kernels.numba_cpu.EVENT_DENSITY lie.
 
     python benchmarks/bench_events.py
     python benchmarks/bench_events.py --layers lenet.cnn2 --densities 0.02,0.1 --json
@@ -15,6 +15,8 @@ import torch
 
 import harness
 import spiking_layers as sl
+from spiking_kernels import numba_cpu
+from spiking_kernels.layout import channels_last
 
 LAYERS = {  # name: (in channels, out channels, kernel, padding, images per call, height = width)
     "lenet.cnn2": (20, 50, 5, 2, 256, 14),
@@ -37,15 +39,15 @@ def make_calls(name, density):
 
     def forward(mode):
         def call():
-            sl.EVENT_DENSITY = mode
+            numba_cpu.EVENT_DENSITY = mode
             with torch.no_grad():
                 sl.synapse(layer, x)
         return call
 
     def weight_grad(mode):
-        flat = (sl.channels_last(x.flatten(0, 1)), sl.channels_last(grad.flatten(0, 1)))  # as the engine runs them
+        flat = (channels_last(x.flatten(0, 1)), channels_last(grad.flatten(0, 1)))  # as the engine runs them
         if mode is EVENTS:
-            return lambda: sl._event_weight_grad(layer, q, s, weight, grad)
+            return lambda: numba_cpu.event_weight_grad(layer, q, s, weight, grad)
         return lambda: torch.ops.aten.convolution_backward(flat[1], flat[0], weight, None, [1, 1], [pad, pad],
                                                            [1, 1], False, [0, 0], 1, [False, True, False])
     return {"forward": (forward(DENSE), forward(EVENTS)), "weight_grad": (weight_grad(DENSE), weight_grad(EVENTS))}
@@ -59,7 +61,7 @@ def main():
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     harness.run_as("engine")  # both paths are the engine's: with the settings our scripts run under
-    saved, rows = sl.EVENT_DENSITY, harness.Rows(args.json)
+    saved, rows = numba_cpu.EVENT_DENSITY, harness.Rows(args.json)
     try:
         for name in args.layers.split(","):
             for density in map(float, args.densities.split(",")):
@@ -70,7 +72,7 @@ def main():
                     row[f"{op}_speedup"] = t["dense"] / t["events"]
                 rows.add(row)
     finally:
-        sl.EVENT_DENSITY = saved
+        numba_cpu.EVENT_DENSITY = saved
     rows.finish()
 
 

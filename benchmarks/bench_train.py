@@ -5,6 +5,7 @@
     python benchmarks/bench_train.py --device cuda --json
     python benchmarks/bench_train.py --models lenet --checkpoint pretrained/lenet_fashion_T20.pth.tar \
         --images fashion-mnist                                # a trained network on real images
+    SPIKING_BACKEND=torch python benchmarks/bench_train.py    # the engine on another backend
 
 Same weights (the faithful init, or --checkpoint), same input spikes (of uniform random images, or
 of real ones; a trained LeNet fires at 1–4 % per step, a fresh one on random images at 5–15 %).
@@ -12,7 +13,9 @@ A training step is forward, summed squared error, backward and an SGD step; infe
 forward pass without grad. Sizes: LeNet T = 100, batch 64; VGG9 and ResNet11 T = 20, batch 8 on a
 CPU, T = 100, batch 16 on a GPU. Engine and reference each run in a process of their own, in turn
 (see harness.py). Prints samples/s of each, their ratio, and the peak memory of each (measured in
-a process of its own) and their ratio.
+a process of its own) and their ratio. For VGG9 and ResNet11 it also prints the minutes a CIFAR-10
+epoch would take at the engine's rate: 50,000 training images (train rows), 10,000 test images
+(inference rows).
 """
 import argparse
 import contextlib
@@ -135,6 +138,9 @@ def main():
                        weights=args.checkpoint or "init", images=args.images,
                        engine_samples_s=B / seconds["engine"], reference_samples_s=B / seconds["reference"],
                        speedup=seconds["reference"] / seconds["engine"])
+            if name != "lenet":  # a CIFAR-10 epoch at this rate: 50,000 training or 10,000 test images
+                images = 50_000 if mode == "train" else 10_000
+                row[f"cifar10_{'train' if mode == 'train' else 'test'}_min"] = images * seconds["engine"] / B / 60
             if not args.no_memory:
                 mem = {impl: harness.measure_in_subprocess(__file__, impl, worker_flags)
                        for impl in ("engine", "reference")}

@@ -50,8 +50,8 @@ def _constants(values, dtype, device):
 @triton.jit
 def _fire_kernel(current, u, lf, n, record, mask, out, constants, N, K, t0,
                  LEAKY_SUM: tl.constexpr, RECORD: tl.constexpr, MASK: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < N
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit offsets: T·N may pass 2³¹
+    ok, n64 = i < N, tl.cast(N, tl.int64)
     v_th, leak = tl.load(constants), tl.load(constants + 1)
     v = tl.load(u + i, mask=ok)
     count = tl.load(n + i, mask=ok)
@@ -60,16 +60,16 @@ def _fire_kernel(current, u, lf, n, record, mask, out, constants, N, K, t0,
     if MASK:
         scale = tl.load(mask + i, mask=ok)
     if RECORD:  # a chunk may start inside a byte of the record: keep its earlier bits
-        byte = tl.load(record + (t0 // 8) * N + i, mask=ok).to(tl.int32)
+        byte = tl.load(record + (t0 // 8) * n64 + i, mask=ok).to(tl.int32)
     for t in range(K):
         s = t0 + t
-        v = v + tl.load(current + t * N + i, mask=ok).to(v.dtype)   # step 2: integrate
+        v = v + tl.load(current + t * n64 + i, mask=ok).to(v.dtype)  # step 2: integrate
         fired = v > v_th                                              # step 3: fire, strictly above threshold
         spike = fired.to(v.dtype)
         if MASK:
-            tl.store(out + t * N + i, (spike * scale).to(out.dtype.element_ty), mask=ok)
+            tl.store(out + t * n64 + i, (spike * scale).to(out.dtype.element_ty), mask=ok)
         else:
-            tl.store(out + t * N + i, spike.to(out.dtype.element_ty), mask=ok)
+            tl.store(out + t * n64 + i, spike.to(out.dtype.element_ty), mask=ok)
         v = tl.where(fired, 0.0, v) * leak                            # steps 4–5: hard reset, leak
         count = count + spike
         if LEAKY_SUM:
@@ -77,7 +77,7 @@ def _fire_kernel(current, u, lf, n, record, mask, out, constants, N, K, t0,
         if RECORD:
             byte = byte | (fired.to(tl.int32) << (s % 8))
             if (s % 8 == 7) | (t == K - 1):
-                tl.store(record + (s // 8) * N + i, byte.to(tl.uint8), mask=ok)
+                tl.store(record + (s // 8) * n64 + i, byte.to(tl.uint8), mask=ok)
                 byte = byte * 0
     tl.store(u + i, v, mask=ok)
     tl.store(n + i, count, mask=ok)
@@ -87,28 +87,28 @@ def _fire_kernel(current, u, lf, n, record, mask, out, constants, N, K, t0,
 
 @triton.jit
 def _backprop_kernel(grad_spikes, record, slope, carry, grad_current, N, K, t0, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < N
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit offsets: T·N may pass 2³¹
+    ok, n64 = i < N, tl.cast(N, tl.int64)
     c = tl.load(carry + i, mask=ok)
     a = tl.load(slope + i, mask=ok)
     for step in range(K):
         t = K - 1 - step
         s = t0 + t
-        fired = ((tl.load(record + (s // 8) * N + i, mask=ok).to(tl.int32) >> (s % 8)) & 1) != 0
-        g = tl.load(grad_spikes + t * N + i, mask=ok).to(c.dtype)
+        fired = ((tl.load(record + (s // 8) * n64 + i, mask=ok).to(tl.int32) >> (s % 8)) & 1) != 0
+        g = tl.load(grad_spikes + t * n64 + i, mask=ok).to(c.dtype)
         c = tl.where(fired, g * a, c)
-        tl.store(grad_current + t * N + i, c, mask=ok)
+        tl.store(grad_current + t * n64 + i, c, mask=ok)
     tl.store(carry + i, c, mask=ok)
 
 
 @triton.jit
 def _leaky_sum_kernel(current, u, constants, N, K, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < N
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit offsets: T·N may pass 2³¹
+    ok, n64 = i < N, tl.cast(N, tl.int64)
     leak = tl.load(constants)
     v = tl.load(u + i, mask=ok)
     for t in range(K):
-        v = (v + tl.load(current + t * N + i, mask=ok).to(v.dtype)) * leak
+        v = (v + tl.load(current + t * n64 + i, mask=ok).to(v.dtype)) * leak
     tl.store(u + i, v, mask=ok)
 
 
@@ -150,7 +150,7 @@ def leaky_sum(current, u, leak):
 @triton.jit
 def _pack_kernel(x, q, extremes, N, BLOCK: tl.constexpr):
     """q = sign(x) as int8; extremes[0] ← max |x|, extremes[1] ← max −|x| over nonzero x (= −min)."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit offsets: T·N may pass 2³¹
     ok = i < N
     v = tl.load(x + i, mask=ok, other=0.0).to(extremes.dtype.element_ty)
     tl.store(q + i, ((v > 0).to(tl.int8) - (v < 0).to(tl.int8)), mask=ok)

@@ -6,6 +6,7 @@ Spikes must be identical; outputs and gradients agree within 1e-10 relative in f
 the chunk size (time steps per call)."""
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -383,6 +384,43 @@ def test_triton_step_launches_do_not_grow_with_T():
     assert launches20 == launches100 and launches20["_fire_kernel"] == 11 and launches20["_backprop_kernel"] == 11
     syncs = {"_local_scalar_dense", "item", "equal", "is_nonzero", "tolist"}
     assert not syncs & set(ops100), {k: ops100[k] for k in syncs & set(ops100)}
+
+
+COMPILE_FOR_A_GPU = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from spiking_kernels import triton_gpu as kernels
+
+def compile(fn, signature, **constexprs):
+    signature = {**signature, **dict.fromkeys(constexprs, "constexpr")}
+    binary = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32))
+    print(fn.__name__, len(binary.asm["cubin"]))
+
+for state, current in (("fp32", "bf16"), ("fp32", "fp32"), ("fp64", "fp64")):
+    s, c, ints = "*" + state, "*" + current, dict(N="i32", K="i32", t0="i32")
+    for flags in ((True, True, True), (False, False, False)):
+        out = s if flags[2] or current != "bf16" else "*bf16"
+        compile(kernels._fire_kernel, dict(current=c, u=s, lf=s, n=s, record="*u8", mask=s, out=out, constants=s,
+                                           **ints), LEAKY_SUM=flags[0], RECORD=flags[1], MASK=flags[2], BLOCK=1024)
+    compile(kernels._backprop_kernel, dict(grad_spikes=c, record="*u8", slope=s, carry=s, grad_current=s, **ints),
+            BLOCK=1024)
+    compile(kernels._leaky_sum_kernel, dict(current=c, u=s, constants=s, N="i32", K="i32"), BLOCK=1024)
+    compile(kernels._pack_kernel, dict(x=c, q="*i8", extremes=s, N="i32"), BLOCK=1024)
+"""
+
+
+def test_triton_kernels_compile_for_a_gpu():
+    """The Triton kernels, compiled to a Hopper (sm_90) binary as a GPU would run them, in the dtype
+    and flag combinations the engine launches: float32 membranes on float32 or bf16 currents, and
+    float64; with and without LF, record and mask. Compiling needs no GPU (running does), but not
+    the interpreter: a process of its own."""
+    p = subprocess.run([sys.executable, "-c", COMPILE_FOR_A_GPU], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    compiled = [line.split() for line in p.stdout.splitlines()]
+    assert len(compiled) == 3 * 5 and all(int(size) > 1000 for _, size in compiled), p.stdout
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,9 +4,8 @@
     python benchmarks/bench_lif.py --device cuda --json
 
 Prints the speed ratio (reference time / engine time) and the peak-memory ratio (engine /
-reference). The engine issue's targets on the 2-core CPU were ≥ 5× faster and ≤ 1/4 of the
-memory; both sides hold the 401 MB of input gradients, and the reference's own time depends much
-on how the C allocator serves its per-step tensors (0.35–1.44 s per call in our runs; README).
+reference). Both sides hold the input gradients, and the reference's time depends much on how the C
+allocator serves its per-step tensors (docs/performance.md).
 """
 import argparse
 

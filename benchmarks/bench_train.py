@@ -8,7 +8,7 @@
     SPIKING_BACKEND=torch python benchmarks/bench_train.py    # the engine on another backend
 
 Same weights (the faithful init, or --checkpoint), same input spikes (of uniform random images, or
-of real ones; a trained LeNet fires at 1–4 % per step, a fresh one on random images at 5–15 %).
+of real ones: a trained LeNet fires more sparsely than a fresh one on random images).
 A training step is forward, summed squared error, backward and an SGD step; inference is a
 forward pass without grad. Sizes: LeNet T = 100, batch 64; VGG9 and ResNet11 T = 20, batch 8 on a
 CPU, T = 100, batch 16 on a GPU. Engine and reference each run in a process of their own, in turn

@@ -3,8 +3,8 @@
 Speed: the two are run alternately, round after round, so that machine noise hits both alike; the
 median per round is reported. Engine and per-step reference each run in a process of their own
 (`alternate_processes`), with the process settings of `ENV`: ours as our scripts set them (see
-utils.py), the same for the reference except passive OpenMP waits, which slowed the authors'
-per-step loop, a stream of small parallel ops, by ~20 %. Peak memory: each implementation is
+utils.py), the same for the reference except passive OpenMP waits, which slow the authors'
+per-step loop, a stream of small parallel ops (docs/performance.md). Peak memory: each implementation is
 measured alone in a fresh process (RSS growth on a CPU, torch.cuda.max_memory_allocated on a
 GPU), since a process never gives freed memory back to RSS and would hide the second one's peak."""
 import json
@@ -48,8 +48,7 @@ def timed(fn, device):
 
 # Process settings per implementation: ours as utils.py sets them for our scripts (glibc's by its
 # environment variables here, the equivalent of utils.py's mallopt calls). The reference gets the
-# same, except libgomp's default spinning: passive waits slowed it by ~20 %. (Its LeNet step took
-# 1.80–1.90 s with or without the memory settings; the LIF layer alone varied 0.35–1.06 s in all.)
+# same, except libgomp's default spinning, with which its stream of small parallel ops runs faster.
 GLIBC_KEEPS_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(utils.MMAP_THRESHOLD),
                             "MALLOC_TRIM_THRESHOLD_": str(utils.TRIM_THRESHOLD)}
 OURS = {**utils.TORCH_SETTINGS, **GLIBC_KEEPS_FREED_MEMORY}

@@ -63,13 +63,19 @@ def unpool2x2(g):
     return (g * 0.25).repeat_interleave(2, -1).repeat_interleave(2, -2)
 
 
+NOT_SPIKES = ("a weight layer inside SpikingNetwork.forward received values other than 0 and ±s (not "
+              "spikes): pass spikes to weight layers, e.g. two layers' currents rather than the sum of their spikes")
+
+
 def pack(x, check=True):
     """(q, s, None) with x = q·s, q = sign(x) in int8, s = max|x|, if x holds only 0 and ±s; else
-    None. check=False trusts that it does (spikes by construction): no device-to-host sync."""
+    None. check=False: x is spikes by construction, and a device-side assertion (no host sync)
+    stops the run if it is not."""
     s = x.abs().amax()
     q = torch.sign(x).to(torch.int8)
-    if check and not torch.equal(q * s, x):
-        return None
+    if check:
+        return (q, s, None) if torch.equal(q * s, x) else None
+    torch._assert_async((q * s == x).all(), NOT_SPIKES)
     return q, s, None
 
 

@@ -160,7 +160,7 @@ def _pack_kernel(x, q, extremes, N, BLOCK: tl.constexpr):
 
 
 def pack(x, check=True):
-    """tensor_ops.pack in one launch. Unchecked (spikes by construction), it stays on the device."""
+    """tensor_ops.pack in one launch (and a device-side assertion when unchecked)."""
     x = x.contiguous()
     q = torch.empty_like(x, dtype=torch.int8)
     extremes = torch.full((2,), float("-inf"), device=x.device,
@@ -168,8 +168,11 @@ def pack(x, check=True):
     block, grid = _grid(x.numel())
     _pack_kernel[grid](x, q, extremes, x.numel(), BLOCK=block)
     largest, smallest = extremes[0], -extremes[1]
-    if check and not bool((largest == smallest) | (largest <= 0)):
+    spikes = (largest == smallest) | (largest <= 0)
+    if check and not bool(spikes):
         return None
+    if not check:
+        torch._assert_async(spikes, tensor_ops.NOT_SPIKES)
     return q, largest.clamp_min(0).to(x.dtype), None
 
 

@@ -267,6 +267,36 @@ def test_images_and_their_spike_train_give_the_same_step(backend, device):
         assert torch.equal(a, b)
 
 
+class SumOfSpikes(sl.SpikingNetwork):
+    """A network that breaks the rule: its linear layer gets the sum of two spike trains (0, 1, 2)."""
+
+    def __init__(self):
+        super().__init__(time_steps=3)
+        self.fc = sl.Linear(4, 10)
+
+    def step(self, x):
+        return self.fc(x + x.roll(1, -1))
+
+
+def test_graded_input_inside_a_network_is_kept_or_refused(backend, device):
+    """Inside SpikingNetwork.forward weight layers take their input for spikes without a host-side
+    check. numba checks anyway (it costs nothing there) and keeps graded values exactly; the other
+    backends stop the run with a device-side assertion rather than pack them wrongly."""
+    net = SumOfSpikes().double().to(device)
+    x = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64, device=device).expand(3, 2, 4).contiguous()
+    if not backend.startswith("numba"):
+        with pytest.raises(RuntimeError, match="not spikes"):
+            net(x).sum().backward()
+        return
+    out = net(x)
+    out.pow(2).sum().backward()
+    w = net.fc.weight.detach().clone().requires_grad_()
+    ref = reference_output(torch.nn.functional.linear(x + x.roll(1, -1), w))
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(net.fc.weight.grad, w.grad, **TOL)
+
+
 def test_eval_mode_matches_training_forward(backend, device):
     """No grad, no dropout: the same spikes, hence the same output as the training forward."""
     torch.manual_seed(0)

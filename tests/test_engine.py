@@ -437,7 +437,7 @@ for state, current in (("fp32", "bf16"), ("fp32", "fp32"), ("fp64", "fp64")):
     compile(kernels._backprop_kernel, dict(grad_spikes=c, record="*u8", slope=s, carry=s, grad_current=s, **ints),
             BLOCK=1024)
     compile(kernels._leaky_sum_kernel, dict(current=c, u=s, constants=s, N="i32", K="i32"), BLOCK=1024)
-    compile(kernels._pack_kernel, dict(x=c, q="*i8", extremes=s, N="i32"), BLOCK=1024)
+    compile(kernels._pack_kernel, dict(x=c, q="*i8", extremes=s, N="i32"), BLOCK=4096)
 """
 
 

@@ -20,19 +20,16 @@ import sys
 import tempfile
 import time
 
-# Process settings for the engine on a CPU (measured on our 2-core machine, LeNet T = 100 training
-# step, unless said). The first two are read once, when torch loads, hence here, before `import torch`.
-# - libgomp's threads spin for a while after every parallel region (its default) and so share the
-#   cores with the thread that runs the engine's compiled neuron and pooling loops: those ran up to
-#   1.8× slower, the step took 1.43 s instead of 1.19 s (float32);
-# - 2 MB pages for large tensors, and glibc keeping freed blocks of up to 32 MB rather than giving
-#   them back to the system: the per-chunk buffers otherwise cost up to 50,000 page faults per step
-#   (bf16 step 0.9 s → 1.0–1.2 s; VGG9 T = 20 0.39 s → 0.41–0.58 s).
-# A process that loaded torch before this module keeps its own settings (the benchmarks set them
-# per implementation, see benchmarks/harness.py).
-
-
+# Process settings for the engine on a CPU, named once here (benchmarks/harness.py builds its
+# environments from them; docs/performance.md has the measurements):
+# - OMP_WAIT_POLICY=PASSIVE: libgomp's threads otherwise spin after every parallel region, taking the
+#   cores from the thread that runs the engine's compiled neuron and pooling loops;
+# - THP_MEM_ALLOC_ENABLE=1: 2 MB pages for large tensors, so the per-chunk buffers fault in fewer pages.
+# torch reads both once, when it loads, hence here, before `import torch`. A process that loaded torch
+# before this module keeps its own settings (the benchmarks set them per implementation).
 TORCH_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
+# glibc keeps freed blocks up to these sizes instead of giving them back to the system, so the per-chunk
+# buffers are not faulted in again at every step; set by setup() (mallopt applies whenever it is called)
 MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30  # glibc's largest mmap threshold; keep up to 1 GB
 
 
@@ -49,7 +46,6 @@ def _keep_freed_memory():
 if "torch" not in sys.modules:
     for _name, _value in TORCH_SETTINGS.items():
         os.environ.setdefault(_name, _value)
-    _keep_freed_memory()
 
 import torch
 import torch.distributed as dist
@@ -58,7 +54,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
-from torchvision import transforms as T
+from torchvision import transforms
 from tqdm import tqdm
 
 import stats
@@ -158,7 +154,8 @@ def get_parser(description, defaults, datasets=None):
 # Seed, device, processes
 
 def setup(args):
-    """Join torchrun's process group if there is one, pick the device, seed."""
+    """Join torchrun's process group if there is one, pick the device, seed; glibc's memory settings."""
+    _keep_freed_memory()
     args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     args.distributed = args.world_size > 1
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -199,9 +196,12 @@ TORCHVISION = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
 
 def get_transform(name, train):
     if name not in NORMALISE:  # (Fashion-)MNIST: ToTensor only; the Poisson code reads intensities
-        return T.ToTensor()
-    augment = [T.RandomCrop(32, padding=4)] + ([T.RandomHorizontalFlip()] if name == "cifar10" else [])
-    return T.Compose((augment if train else []) + [T.ToTensor(), T.Normalize(*NORMALISE[name])])
+        return transforms.ToTensor()
+    augment = [transforms.RandomCrop(32, padding=4)]
+    if name == "cifar10":
+        augment.append(transforms.RandomHorizontalFlip())
+    tensor = [transforms.ToTensor(), transforms.Normalize(*NORMALISE[name])]
+    return transforms.Compose((augment if train else []) + tensor)
 
 
 def get_dataset(args, train):
@@ -568,7 +568,7 @@ def save_figure(fig, path):
     if fig is None:
         return None
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))  # ~20–40 kB per plot
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     return path
 
 

@@ -1,4 +1,5 @@
-"""The four paper scripts: their networks (SPEC §3), their command line, and end-to-end runs."""
+"""The four paper scripts: their networks (the paper's architectures), their command line, and end-to-end runs."""
+import argparse
 import csv
 import os
 import re
@@ -57,6 +58,14 @@ def test_help_lists_every_flag_with_its_default(script, capsys):
     assert "never passed it to SGD" in out and module.__doc__.splitlines()[0] in out
     assert f"(default: {module.DEFAULTS['lr']})" in out
     assert f"(default: {','.join(map(str, module.DEFAULTS['lr_steps']))})" in out
+
+
+def test_svhn_states_its_own_defaults():
+    """ResNet11's settings on SVHN, written out: the script does not depend on cifar10_ResNet11.py."""
+    import cifar10_ResNet11
+    import svhn_ResNet
+    assert svhn_ResNet.DEFAULTS == dict(cifar10_ResNet11.DEFAULTS, dataset="svhn", tag="svhn_r7")
+    assert not re.search(r"^\s*(import|from)\s+cifar10_ResNet11", open(svhn_ResNet.__file__).read(), re.M)
 
 
 def test_parser_uses_the_scripts_defaults():
@@ -160,23 +169,42 @@ def test_amp_and_time_chunk(tiny, tmp_path):
     assert net.time_chunk == 1 and (tmp_path / "checkpointT1_mnist1.pth.tar").exists()
 
 
+# records whether anything loads glibc through ctypes (as utils' mallopt call does) while the rest runs
+SPY_ON_LIBC = """import ctypes
+class Spy(ctypes.CDLL):
+    loaded = []
+    def __init__(self, name, *a, **k):
+        Spy.loaded.append(name)
+        super().__init__(name, *a, **k)
+ctypes.CDLL = Spy
+"""
+
+
 def test_process_settings_are_set_before_torch_loads():
     """libgomp and torch read the engine's process settings once, when torch loads: utils sets them
     when it is imported first — as every script imports it first — keeps a user's own values, and
-    leaves a process that loaded torch before it alone."""
+    leaves a process that loaded torch before it alone. glibc's settings wait for setup()."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
 
     def settings(first, **extra):
-        code = f"import {first}, os, utils; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+        code = SPY_ON_LIBC + f"import {first}, os, utils; print(os.environ.get('OMP_WAIT_POLICY'), " \
+            "os.environ.get('THP_MEM_ALLOC_ENABLE'), 'libc.so.6' in Spy.loaded)"
         p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env={**env, **extra})
         assert p.returncode == 0, p.stderr
         return p.stdout.split()
 
-    assert settings("sys") == ["PASSIVE", "1"]
-    assert settings("sys", OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "1"]
-    assert settings("torch") == ["None", "None"]
+    assert settings("sys") == ["PASSIVE", "1", "False"]
+    assert settings("sys", OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "1", "False"]
+    assert settings("torch") == ["None", "None", "False"]
     for script in SCRIPTS:
         source = open(os.path.join(root, script)).read()
         first_import = re.search(r"^(?:import|from) (\w+)", source, re.M).group(1)
         assert first_import == "utils", f"{script} imports {first_import} before utils"
+
+
+def test_glibc_memory_settings_are_made_by_setup(monkeypatch):
+    calls = []
+    monkeypatch.setattr(utils, "_keep_freed_memory", lambda: calls.append("mallopt"))
+    utils.setup(argparse.Namespace(device="cpu", seed=1, cuda_seed=2, batch_size=4))
+    assert calls == ["mallopt"]

@@ -7,21 +7,7 @@ import pytest
 import torch
 
 import utils
-from conftest import NETWORKS, SCRIPTS, network
-
-
-def run_main(script, argv):
-    """The script's main() in this process; returns the trained or evaluated network."""
-    net, module = network(script, time_steps=2)
-    return utils.main(type(net), module.DEFAULTS, argv=[str(a) for a in argv])
-
-
-def exit_message(script, argv):
-    """(exit code, message) of a run that must stop with SystemExit (which Python prints without a traceback)."""
-    with pytest.raises(SystemExit) as e:
-        run_main(script, argv)
-    code = e.value.code
-    return (1, code) if isinstance(code, str) else (code, "")
+from conftest import NETWORKS, SCRIPTS, exit_message, network, run_main
 
 
 def authors_checkpoint(script, path, prefix="module."):

@@ -84,7 +84,7 @@ def _checked(kind, ok, rule):
     def parse(text):
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             value = None
         if value is None or not ok(value):
             raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
@@ -92,7 +92,16 @@ def _checked(kind, ok, rule):
     return parse
 
 
+def _finite(ok, rule):
+    """An argparse type for a float that is finite (nan and ±inf never make sense here) and passes ok."""
+    return _checked(float, lambda x: math.isfinite(x) and ok(x), rule)
+
+
+# torch.manual_seed takes seeds below 2**64; the seed + rank (and the sampler's seed + epoch) stay below it
+SEED_LIMIT = 2 ** 63
 COUNT = _checked(int, lambda n: n >= 1, "must be an integer ≥ 1")
+NATURAL = _checked(int, lambda n: n >= 0, "must be an integer ≥ 0")
+SEED = _checked(int, lambda n: 0 <= n < SEED_LIMIT, "must be an integer from 0 to 2**63 - 1")
 EPOCHS = _checked(lambda s: tuple(int(e) for e in s.split(",") if e.strip()), lambda t: True, "must be like 70,100")
 STEPS = _checked(lambda s: tuple(sorted({int(e) for e in s.split(",") if e.strip()})), lambda t: t and t[0] >= 1,
                  "must be step counts ≥ 1, like 10,20,50,100")
@@ -106,25 +115,25 @@ def get_parser(description, defaults, datasets=None):
         a("--dataset", choices=datasets, help="dataset")
     a("-b", "--batch-size", type=COUNT, metavar="N", help="training mini-batch size *per process*")
     a("--test-batch-size", type=COUNT, metavar="N", help="test mini-batch size per process")
-    a("--lr", type=_checked(float, lambda x: x > 0, "must be > 0"), help="initial learning rate (SGD)")
+    a("--lr", type=_finite(lambda x: x > 0, "must be a finite number > 0"), help="initial learning rate (SGD)")
     a("--lr-steps", type=EPOCHS, metavar="E1,E2", help="epochs after which the LR is multiplied by 0.2")
-    a("--momentum", type=float, metavar="M", help="SGD momentum; 0 is faithful: the authors parsed "
-      "--momentum 0.9 but never passed it to SGD")
-    a("--wd", "--weight-decay", type=float, dest="weight_decay", metavar="W", help="weight decay")
-    a("--epochs", type=int, metavar="N", help="train until this many epochs are complete")
-    a("--start-epoch", type=int, default=0, metavar="N", help="epochs already done, for a restart without "
+    a("--momentum", type=_finite(lambda x: 0 <= x < 1, "must lie in [0, 1)"), metavar="M",
+      help="SGD momentum; 0 is faithful: the authors parsed --momentum 0.9 but never passed it to SGD")
+    a("--wd", "--weight-decay", type=_finite(lambda x: x >= 0, "must be a finite number ≥ 0"), dest="weight_decay",
+      metavar="W", help="weight decay")
+    a("--epochs", type=COUNT, metavar="N", help="train until this many epochs are complete")
+    a("--start-epoch", type=NATURAL, default=0, metavar="N", help="epochs already done, for a restart without "
       "a checkpoint (--resume overrides it)")
     a("-p", "--print-freq", type=COUNT, default=100, metavar="N", help="a status line every N mini-batches "
       "when the progress bar is off")
     a("--resume", metavar="PATH", help="checkpoint to start from: ours, or the authors' releases")
     a("-e", "--evaluate", action="store_true", help="evaluate on the test set and exit")
-    a("-j", "--workers", type=int, default=2, metavar="N", help="data loading worker processes")
+    a("-j", "--workers", type=NATURAL, default=2, metavar="N", help="data loading worker processes")
     a("--time-steps", type=COUNT, metavar="T", help="time steps per image, training and test")
-    a("--leak", type=_checked(float, lambda x: 0 < x <= 1, "must lie in (0, 1]"),
-      help="leak factor λ of the LIF membranes")
-    a("--dropout", type=_checked(float, lambda x: 0 <= x < 1, "must lie in [0, 1)"),
+    a("--leak", type=_finite(lambda x: 0 < x <= 1, "must lie in (0, 1]"), help="leak factor λ of the LIF membranes")
+    a("--dropout", type=_finite(lambda x: 0 <= x < 1, "must lie in [0, 1)"),
       help="probability of the time-fixed dropout after each spiking layer")
-    a("--seed", type=int, help="torch.manual_seed (+ rank under torchrun); CUDA uses DEFAULTS' cuda_seed")
+    a("--seed", type=SEED, help="torch.manual_seed (+ rank under torchrun); CUDA uses DEFAULTS' cuda_seed")
     a("--data-dir", default="./data", metavar="DIR", help="torchvision datasets are read (or downloaded) here")
     a("--synthetic", action="store_true", help="deterministic random images of the dataset's shape, 10 "
       "classes (torchvision FakeData), instead of the dataset: for smoke tests and CI; learns nothing")

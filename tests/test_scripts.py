@@ -78,7 +78,15 @@ def test_parser_uses_the_scripts_defaults():
 @pytest.mark.parametrize("flag,value,phrase", [
     ("--time-steps", "0", "--time-steps"), ("--time-steps", "-3", "--time-steps"), ("--leak", "1.5", "--leak"),
     ("--leak", "0", "--leak"), ("--batch-size", "0", "--batch-size"), ("--dropout", "1.0", "--dropout"),
-    ("--dropout", "-0.1", "--dropout"), ("--time-steps", "ten", "must be an integer ≥ 1")])
+    ("--dropout", "-0.1", "--dropout"), ("--time-steps", "ten", "must be an integer ≥ 1"),
+    # every float flag is finite and in range; the integers have ranges
+    ("--lr", "inf", "--lr: must be a finite number > 0"), ("--lr", "nan", "--lr"), ("--lr", "0", "--lr"),
+    ("--wd", "nan", "--weight-decay: must be a finite number ≥ 0"), ("--wd", "-1", "--wd"), ("--wd", "inf", "--wd"),
+    ("--momentum", "nan", "--momentum: must lie in [0, 1)"), ("--momentum", "-1", "--momentum"),
+    ("--momentum", "1", "--momentum"), ("--leak", "nan", "--leak"), ("--dropout", "nan", "--dropout"),
+    ("--workers", "-1", "--workers: must be an integer ≥ 0"), ("--seed", "99999999999999999999999", "--seed"),
+    ("--seed", "-1", "--seed"), ("--epochs", "0", "--epochs: must be an integer ≥ 1"), ("--epochs", "-1", "--epochs"),
+    ("--start-epoch", "-5", "--start-epoch: must be an integer ≥ 0")])
 def test_bad_settings_are_rejected_in_one_line(flag, value, phrase, capsys):
     import mnist_LeNet
     with pytest.raises(SystemExit) as e:

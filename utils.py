@@ -302,14 +302,18 @@ def train_one_epoch(model, net, loader, optimizer, monitor, epoch, args, device)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             output = model(images).float()
         loss = sse_loss(output, target)
+        # health, before the step: all ranks judge the same numbers (the loss summed, the rates averaged),
+        # or a non-finite loss or --stop-on-dead would stop only some of them
+        rates = {**net.firing_rates(), "output": (output != 0).float().mean().item()}
+        total = loss.item()
+        if args.distributed:
+            total, *summed = all_reduce([total, *rates.values()], device).tolist()
+            rates = dict(zip(rates, (r / args.world_size for r in summed)))
+        monitor.check_loss(total, epoch, i + 1)  # a step on a non-finite loss would make every weight NaN
         # backward with the leak-aware derivative, SGD step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # health: all ranks judge the same rates, or --stop-on-dead would stop only some of them
-        rates = {**net.firing_rates(), "output": (output != 0).float().mean().item()}
-        if args.distributed:
-            rates = dict(zip(rates, (all_reduce(list(rates.values()), device) / args.world_size).tolist()))
         monitor.check(rates, epoch, i + 1)
         meter.update(len(target), **batch_metrics(output.detach(), target),
                      **{f"rate_{k}": v * len(target) for k, v in rates.items() if k != "output"})
@@ -359,8 +363,25 @@ def checkpoint_state(net, optimizer, scheduler, epoch, best_prec1, args):
 
 
 def save_checkpoint(state, is_best, args):
+    """Weights that are not finite are never written (NonFiniteError)."""
+    check_weights_finite(state["state_dict"], state["epoch"], args)
     for name in [f"checkpointT1_{args.tag}.pth.tar"] + ([f"model_bestT1_{args.tag}.pth.tar"] if is_best else []):
         atomic_write(os.path.join(args.out_dir, name), lambda f: torch.save(state, f))
+
+
+def check_weights_finite(state_dict, epoch, args):
+    bad = non_finite(state_dict)
+    if bad:
+        raise NonFiniteError(diverged(f"the weights after epoch {epoch} hold NaN or inf ({_some(bad)})", args))
+
+
+def non_finite(state):
+    """The names of the floating-point tensors in `state` that hold a NaN or an inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _some(names, most=3):
+    return ", ".join(names[:most]) + (" …" if len(names) > most else "")
 
 
 def atomic_write(path, write):
@@ -407,22 +428,26 @@ def load_checkpoint(path, net):
                 "shape": [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                           if k in own and v.shape != own[k].shape]}
     if any(problems.values()):
-        found = "; ".join(f"{kind} {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
-                          for kind, names in problems.items() if names)
+        found = "; ".join(f"{kind} {_some(names)}" for kind, names in problems.items() if names)
         raise SystemExit(f"error: --resume {path} is not a {type(net).__name__} checkpoint: {found}")
+    bad = non_finite(state)
+    if bad:  # it would evaluate to nonsense (and --stats to an energy "advantage"), or train on NaN
+        raise SystemExit(f"error: --resume {path}: its weights hold NaN or inf ({_some(bad)}); it was saved "
+                         f"from a run that had diverged")
     net.load_state_dict(state)
     return ckpt if "state_dict" in ckpt else {}
 
 
-def restore_training(ckpt, optimizer, scheduler, args):
+def restore_training(ckpt, net, optimizer, scheduler, args):
     """Optimizer, LR schedule and RNG from `ckpt`; returns (start_epoch, best_prec1)."""
     start_epoch = int(ckpt.get("epoch", args.start_epoch))
     try:
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
+            check_optimizer_state(net, optimizer)
         if "scheduler" in ckpt:
             scheduler.load_state_dict(ckpt["scheduler"])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise SystemExit(f"error: --resume {args.resume}: its optimizer state does not fit ({_first_line(e)})")
     if "scheduler" not in ckpt:  # an authors' release: their LR is not ours to trust
         set_lr_for_epoch(optimizer, scheduler, start_epoch, args)
@@ -431,6 +456,23 @@ def restore_training(ckpt, optimizer, scheduler, args):
         if ckpt.get("rng_cuda") is not None and torch.cuda.device_count() == len(ckpt["rng_cuda"]):
             torch.cuda.set_rng_state_all(list(ckpt["rng_cuda"]))
     return start_epoch, float(ckpt.get("best_prec1", -math.inf))
+
+
+def check_optimizer_state(net, optimizer):
+    """ValueError unless every buffer of the loaded optimizer state has its weight's shape and is
+    finite, and the settings are finite numbers (torch checks only the number of parameters)."""
+    for name, p in net.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            if not torch.is_tensor(value) or key == "step":
+                continue
+            if value.shape != p.shape:
+                raise ValueError(f"{key} of {name} has shape {tuple(value.shape)}, not {tuple(p.shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{key} of {name} holds NaN or inf")
+    for group in optimizer.param_groups:
+        for key in ("lr", "momentum", "weight_decay"):
+            if not isinstance(group.get(key), (int, float)) or not math.isfinite(group[key]):
+                raise ValueError(f"its {key} is {group.get(key)!r}")
 
 
 def set_lr_for_epoch(optimizer, scheduler, epoch, args):
@@ -495,6 +537,19 @@ def fmt(m):
 LOUDER = "more time steps (--time-steps), a lower learning rate (--lr), or a larger init scale"
 
 
+class NonFiniteError(Exception):
+    """Training produced NaN or inf (loss or weights): the run stops at once, saving nothing more."""
+
+
+def diverged(what, args):
+    """One line: what went non-finite, and the likely causes."""
+    amp = ", or a bfloat16 overflow under --amp" if args.amp else ""
+    return (f"{what}: training diverged, most likely from a learning rate too high for this network "
+            f"(--lr {args.lr:g}: try it 10× lower){amp}")
+
+
+
+
 class HealthMonitor:
     """Catches a layer that is silent (rate 0) or saturated (rate 1) batch after batch.
 
@@ -503,6 +558,14 @@ class HealthMonitor:
 
     def __init__(self, args):
         self.args, self.streak, self.reported = args, {}, set()
+
+    def check_loss(self, loss, epoch, batch):
+        """A NaN or inf training loss stops the run (NonFiniteError) before its step. Left to run, every
+        weight turns NaN, no neuron fires again, and the layers would look silent for the wrong reason."""
+        if not math.isfinite(loss):
+            raise NonFiniteError(diverged(f"the training loss is {loss} in epoch {epoch + 1}, batch {batch}",
+                                          self.args))
+
 
     def check(self, rates, epoch, batch):
         """rates: layer -> firing rate in this batch; 'output' -> fraction of non-zero outputs."""
@@ -612,6 +675,8 @@ def main(Model, defaults, datasets=None, argv=None):
         return run(Model, args, device)
     except KeyboardInterrupt:
         raise SystemExit("interrupted; the last completed epoch is in the checkpoint")
+    except NonFiniteError as e:
+        raise SystemExit(f"error: {e}. Stopped; no non-finite weights were saved")
     finally:
         if args.distributed:
             dist.destroy_process_group()
@@ -636,7 +701,7 @@ def run(Model, args, device):
         if trained_with != args.time_steps:
             log(args, f"=> note: trained with --time-steps {trained_with}, running with {args.time_steps}")
         if not args.evaluate:
-            start_epoch, best_prec1 = restore_training(ckpt, optimizer, scheduler, args)
+            start_epoch, best_prec1 = restore_training(ckpt, net, optimizer, scheduler, args)
     val_loader = get_loader(args, False, device)
     log_path = os.path.join(args.out_dir, f"log_{args.tag}.csv")
     if args.evaluate:  # one pass: --stats and --time-sweep are measured on the spikes of the Test: line
@@ -659,6 +724,7 @@ def run(Model, args, device):
         scheduler.step()
         is_best, best_prec1 = test["prec1"] > best_prec1, max(test["prec1"], best_prec1)
         seconds, rates = time.time() - start, {k: v for k, v in train.items() if k.startswith("rate_")}
+        check_weights_finite(net.state_dict(), epoch + 1, args)  # on every rank (the same weights): all stop
         if args.rank == 0:
             save_checkpoint(checkpoint_state(net, optimizer, scheduler, epoch + 1, best_prec1, args), is_best, args)
             append_csv(log_path, {

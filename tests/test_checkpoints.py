@@ -134,3 +134,31 @@ def test_checkpoint_without_weights(tmp_path, tiny):
     torch.save({"epoch": 3, "best_prec1": 50.0}, path)
     code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", *tiny])
     assert code == 1 and "no state_dict" in message
+
+
+def test_checkpoint_with_non_finite_weights(tmp_path, tiny):
+    """It would evaluate without a word, and --stats would claim an energy advantage: one line instead."""
+    path = tmp_path / "diverged.pth.tar"
+    state = network("mnist_LeNet.py")[0].state_dict()
+    state["fc0.weight"][3, 5], state["cnn2.weight"][0, 0, 0, 0] = float("nan"), float("inf")
+    torch.save({"epoch": 4, "best_prec1": 10.0, "state_dict": state}, path)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", "--stats", "--out-dir", tmp_path / "s",
+                                                    *tiny])
+    assert code == 1 and "NaN or inf (cnn2.weight, fc0.weight)" in message and "diverged" in message
+    assert not (tmp_path / "s" / "stats.json").exists()
+
+
+@pytest.mark.parametrize("buffer,phrase", [
+    (torch.zeros(3), "momentum_buffer of fc0.weight has shape (3,), not (200, 2450)"),
+    (torch.full((200, 2450), float("nan")), "momentum_buffer of fc0.weight holds NaN or inf")])
+def test_optimizer_state_that_does_not_fit(buffer, phrase, tmp_path, tiny):
+    """torch checks only the number of parameters; a wrong buffer would fail after the first batch."""
+    net, _ = network("mnist_LeNet.py", time_steps=2)
+    optimizer = torch.optim.SGD(net.parameters(), 0.01, momentum=0.9).state_dict()
+    optimizer["state"] = {2: {"momentum_buffer": buffer}}  # fc0.weight
+    path = tmp_path / "crafted.pth.tar"
+    torch.save({"epoch": 1, "best_prec1": 0.0, "state_dict": net.state_dict(), "optimizer": optimizer}, path)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--epochs", "2", "--out-dir", tmp_path / "run",
+                                                    *tiny])
+    assert code == 1 and f"its optimizer state does not fit ({phrase})" in message
+    assert not (tmp_path / "run" / "log_mnist1.csv").exists()

@@ -1,4 +1,5 @@
-"""Training health: a silent or saturated layer is reported once, early, with what to do about it."""
+"""Training health: a silent or saturated layer is reported once, early, with what to do about it; a
+non-finite loss or weight stops the run at once, by its name, and is never saved."""
 import csv
 import types
 
@@ -11,8 +12,9 @@ LENET = (("cnn1.weight", (20, 1, 5, 5)), ("cnn2.weight", (50, 20, 5, 5)), ("fc0.
          ("fc1.weight", (10, 200)))
 
 
-def monitor(patience=3, stop=False):
-    return utils.HealthMonitor(types.SimpleNamespace(dead_patience=patience, stop_on_dead=stop, rank=0))
+def monitor(patience=3, stop=False, amp=False):
+    return utils.HealthMonitor(types.SimpleNamespace(dead_patience=patience, stop_on_dead=stop, rank=0, lr=0.5,
+                                                     amp=amp))
 
 
 def warnings(capsys):
@@ -57,6 +59,26 @@ def test_stop_on_dead_raises_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         m.check({"cnn1": 0.0, "output": 0.0}, epoch=0, batch=1)
     assert "layer cnn1" in str(e.value) and "--stop-on-dead" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_loss_is_named_as_such(loss):
+    m = monitor(amp=True)
+    m.check_loss(3.5, epoch=0, batch=1)
+    with pytest.raises(utils.NonFiniteError) as e:
+        m.check_loss(loss, epoch=1, batch=7)
+    message = str(e.value)
+    assert f"the training loss is {loss} in epoch 2, batch 7" in message and "silent" not in message
+    assert "learning rate too high" in message and "--lr 0.5" in message and "--amp" in message
+    assert "\n" not in message
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    args = types.SimpleNamespace(out_dir=str(tmp_path), tag="x", lr=0.1, amp=False)
+    state = {"epoch": 3, "state_dict": {"fc0.weight": torch.ones(2), "fc1.weight": torch.tensor([1.0, float("nan")])}}
+    with pytest.raises(utils.NonFiniteError, match=r"weights after epoch 3 hold NaN or inf \(fc1.weight\)"):
+        utils.save_checkpoint(state, True, args)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------------------------------------

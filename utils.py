@@ -6,16 +6,22 @@ Each script calls `main(Model, DEFAULTS, datasets)`. The sections follow the ord
     torchrun --nproc_per_node=4 cifar10_VGG9.py                        DDP: --batch-size is per process
     python cifar10_ResNet11.py --resume model_bestT1_cifar10_r11.pth.tar --evaluate
     python mnist_LeNet.py --resume model_bestT1_mnist1.pth.tar --evaluate --stats --time-sweep 10,20,50,100
+    python cifar10_VGG9.py --out-dir runs/v9 --resume auto              a job script's command: re-run after preemption
 """
 import argparse
+import collections
 import contextlib
 import csv
 import ctypes
+import fcntl
+import glob
 import gzip
+import io
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -126,7 +132,11 @@ def get_parser(description, defaults, datasets=None):
       "a checkpoint (--resume overrides it)")
     a("-p", "--print-freq", type=COUNT, default=100, metavar="N", help="a status line every N mini-batches "
       "when the progress bar is off")
-    a("--resume", metavar="PATH", help="checkpoint to start from: ours, or the authors' releases")
+    a("--resume", metavar="PATH", help="checkpoint to start from: ours, or the authors' releases. 'auto': "
+      "--out-dir's own checkpointT1_<tag>.pth.tar if there is one, else a fresh start (a command to re-run "
+      "after preemption). Optimizer flags given on the command line replace the checkpoint's")
+    a("--overwrite", action="store_true", help="start a training run in an --out-dir that holds a previous "
+      "run's checkpoints or log: they are deleted when training starts")
     a("-e", "--evaluate", action="store_true", help="evaluate on the test set and exit")
     a("-j", "--workers", type=NATURAL, default=2, metavar="N", help="data loading worker processes")
     a("--time-steps", type=COUNT, metavar="T", help="time steps per image, training and test")
@@ -162,11 +172,16 @@ def get_parser(description, defaults, datasets=None):
 # ----------------------------------------------------------------------------------------------
 # Seed, device, processes
 
-def setup(args):
-    """Join torchrun's process group if there is one, pick the device, seed; glibc's memory settings."""
-    _keep_freed_memory()
+def processes(args):
+    """args.world_size, args.rank, args.distributed: torchrun's, or one process."""
     args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     args.distributed = args.world_size > 1
+
+
+def setup(args):
+    """Join torchrun's process group if there is one, pick the device, seed; glibc's memory settings."""
+    processes(args)
+    _keep_freed_memory()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but no CUDA device is available")
@@ -363,9 +378,11 @@ def checkpoint_state(net, optimizer, scheduler, epoch, best_prec1, args):
 
 
 def save_checkpoint(state, is_best, args):
-    """Weights that are not finite are never written (NonFiniteError)."""
+    """model_best (when best) first, then the checkpoint: a kill between the two leaves the previous
+    checkpoint, from which a resume re-runs this epoch and writes model_best again. Weights that are
+    not finite are never written (NonFiniteError)."""
     check_weights_finite(state["state_dict"], state["epoch"], args)
-    for name in [f"checkpointT1_{args.tag}.pth.tar"] + ([f"model_bestT1_{args.tag}.pth.tar"] if is_best else []):
+    for name in ([f"model_bestT1_{args.tag}.pth.tar"] if is_best else []) + [f"checkpointT1_{args.tag}.pth.tar"]:
         atomic_write(os.path.join(args.out_dir, name), lambda f: torch.save(state, f))
 
 
@@ -409,11 +426,15 @@ def _umask():
 _UMASK = _umask()
 
 
+def check_checkpoint_exists(path):
+    if not os.path.isfile(path):  # never train from scratch instead, as the authors' scripts did
+        raise SystemExit(f"error: --resume {path}: no such file")
+
+
 def load_checkpoint(path, net):
     """Load weights into `net` from one of ours or an authors' release (legacy serialization, a full
     dict or a bare state_dict, DataParallel's `module.` prefix). Returns the dict, {} if bare."""
-    if not os.path.isfile(path):  # never train from scratch instead, as the authors' scripts did
-        raise SystemExit(f"error: --resume {path}: no such file")
+    check_checkpoint_exists(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint must not run code
     except Exception as e:
@@ -438,8 +459,11 @@ def load_checkpoint(path, net):
     return ckpt if "state_dict" in ckpt else {}
 
 
-def restore_training(ckpt, net, optimizer, scheduler, args):
-    """Optimizer, LR schedule and RNG from `ckpt`; returns (start_epoch, best_prec1)."""
+def restore_training(ckpt, net, optimizer, scheduler, args, given=()):
+    """Optimizer, LR schedule and RNG from `ckpt`; returns (start_epoch, best_prec1).
+
+    given: the flags on the command line; --lr, --lr-steps, --momentum and --wd among them replace the
+    checkpoint's settings (see apply_optimizer_flags)."""
     start_epoch = int(ckpt.get("epoch", args.start_epoch))
     try:
         if "optimizer" in ckpt:
@@ -449,8 +473,7 @@ def restore_training(ckpt, net, optimizer, scheduler, args):
             scheduler.load_state_dict(ckpt["scheduler"])
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise SystemExit(f"error: --resume {args.resume}: its optimizer state does not fit ({_first_line(e)})")
-    if "scheduler" not in ckpt:  # an authors' release: their LR is not ours to trust
-        set_lr_for_epoch(optimizer, scheduler, start_epoch, args)
+    apply_optimizer_flags(optimizer, scheduler, start_epoch, "scheduler" in ckpt, args, given)
     if "rng_cpu" in ckpt and not args.distributed:  # under torchrun, each rank keeps its own seed
         torch.set_rng_state(ckpt["rng_cpu"])
         if ckpt.get("rng_cuda") is not None and torch.cuda.device_count() == len(ckpt["rng_cuda"]):
@@ -473,6 +496,37 @@ def check_optimizer_state(net, optimizer):
         for key in ("lr", "momentum", "weight_decay"):
             if not isinstance(group.get(key), (int, float)) or not math.isfinite(group[key]):
                 raise ValueError(f"its {key} is {group.get(key)!r}")
+
+
+OPTIMIZER_FLAGS = {"lr": "--lr", "lr_steps": "--lr-steps", "momentum": "--momentum", "weight_decay": "--wd"}
+
+
+def apply_optimizer_flags(optimizer, scheduler, epoch, scheduled, args, given):
+    """After a resume: the optimizer flags on the command line replace the checkpoint's settings (with a
+    note); the others take the checkpoint's, so that args (saved with the next checkpoint) says what
+    runs. Without such flags a resume is exact. An authors' release (not `scheduled`) has no schedule:
+    its LR is not ours to trust, so --lr and --lr-steps always come from the flags (or DEFAULTS)."""
+    group = optimizer.param_groups[0]
+    held = dict(momentum=group["momentum"], weight_decay=group["weight_decay"])
+    if scheduled:
+        held.update(lr=group.get("initial_lr", args.lr), lr_steps=tuple(sorted(scheduler.milestones)))
+    changed = [f"{OPTIMIZER_FLAGS[k]} {_plain(v)} → {_plain(getattr(args, k))}" for k, v in held.items()
+               if k in given and v != getattr(args, k)]
+    for k, v in held.items():
+        if k not in given:
+            setattr(args, k, v)
+    for g in optimizer.param_groups:
+        g.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+    scheduler.milestones = collections.Counter(args.lr_steps)
+    if changed or not scheduled:
+        set_lr_for_epoch(optimizer, scheduler, epoch, args)
+    if changed:
+        log(args, "=> note: the flags given replace the checkpoint's optimizer settings: " + ", ".join(changed))
+
+
+def _plain(value):
+    return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
 
 
 def set_lr_for_epoch(optimizer, scheduler, epoch, args):
@@ -518,13 +572,42 @@ def all_reduce(values, device):
 
 
 def append_csv(path, row):
-    """One row per epoch; the header goes in with the first row, and a resumed run appends."""
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """One row per epoch, the header with the first. The file is rewritten whole through atomic_write,
+    so that a kill leaves all of the old rows or all of the new, never half a row."""
+    fields, rows = read_csv(path)
+    fields += [k for k in row if k not in fields]
+    write_csv(path, fields, rows + [row])
+
+
+def read_csv(path):
+    """(field names, rows as dicts of strings); ([], []) if there is no such file."""
+    if not os.path.exists(path):
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def write_csv(path, fields, rows):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def drop_csv_rows_after(path, epoch):
+    """Keep the rows of epochs ≤ `epoch` (rows of a later epoch come from a run killed after writing its
+    row, before its checkpoint landed; that epoch runs again). Returns the epochs dropped."""
+    fields, rows = read_csv(path)
+    keep = [(r.get("epoch") or "").isdigit() and int(r["epoch"]) <= epoch for r in rows]
+    if all(keep):
+        return []
+    if any(keep):
+        write_csv(path, fields, [r for r, k in zip(rows, keep) if k])
+    else:
+        os.unlink(path)
+    return [r.get("epoch") for r, k in zip(rows, keep) if not k]
 
 
 def fmt(m):
@@ -548,8 +631,6 @@ def diverged(what, args):
             f"(--lr {args.lr:g}: try it 10× lower){amp}")
 
 
-
-
 class HealthMonitor:
     """Catches a layer that is silent (rate 0) or saturated (rate 1) batch after batch.
 
@@ -565,7 +646,6 @@ class HealthMonitor:
         if not math.isfinite(loss):
             raise NonFiniteError(diverged(f"the training loss is {loss} in epoch {epoch + 1}, batch {batch}",
                                           self.args))
-
 
     def check(self, rates, epoch, batch):
         """rates: layer -> firing rate in this batch; 'output' -> fraction of non-zero outputs."""
@@ -662,27 +742,168 @@ def save_stats_outputs(result, out_dir, csv_path=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# The out-dir: a training run owns its files there
+
+class RunFiles:
+    """A training run's files in --out-dir: checkpointT1_<tag>.pth.tar, model_bestT1_<tag>.pth.tar,
+    log_<tag>.csv, and the lock file .lock_<tag>; and what this run has saved so far (for the truth of
+    its last words). Rank 0 alone locks and writes."""
+
+    def __init__(self, args):
+        self.dir, self.tag = args.out_dir, args.tag
+        self.checkpoint, self.best, self.log = (os.path.join(args.out_dir, name) for name in (
+            f"checkpointT1_{args.tag}.pth.tar", f"model_bestT1_{args.tag}.pth.tar", f"log_{args.tag}.csv"))
+        self.auto = args.resume == "auto"
+        if self.auto:  # the one command a job script can re-run after preemption
+            args.resume = self.checkpoint if os.path.exists(self.checkpoint) else None
+            if args.resume is None and args.evaluate:
+                raise SystemExit(f"error: --resume auto: there is no {self.checkpoint} to evaluate")
+        self.resumes_own = bool(args.resume) and os.path.exists(args.resume) and os.path.exists(
+            self.checkpoint) and os.path.samefile(args.resume, self.checkpoint)
+        self.lock = None  # the lock file's descriptor while this process holds it
+        self.epoch = self.saved_epoch = None  # the epoch in progress; the one self.checkpoint holds
+
+    def claim(self, args):
+        """Lock the out-dir for this tag, refuse to start over a previous run's files, and remove the temp
+        files a killed save left. One line and exit 1 on a refusal."""
+        self._lock()
+        found = [p for p in (self.checkpoint, self.best, self.log) if os.path.exists(p)]
+        if found and not (self.resumes_own or args.overwrite or self._only_a_lost_epoch(args)):
+            names = ", ".join(os.path.basename(p) for p in found)
+            resume = f"continue it with --resume {self.checkpoint} (or --resume auto), " \
+                if self.checkpoint in found else ""
+            raise SystemExit(f"error: --out-dir {self.dir} holds a previous run's {names}: {resume}or start "
+                             f"over with --overwrite (deletes them), or choose another --out-dir")
+        for target in (self.checkpoint, self.best, self.log):  # atomic_write's names
+            folder, name = os.path.split(target)
+            for tmp in glob.glob(os.path.join(glob.escape(folder or "."), glob.escape(f".{name}.") + "*.tmp")):
+                os.unlink(tmp)
+                log(args, f"=> removed {tmp}, left by a save that was killed")
+
+    def _lock(self):
+        """flock on a descriptor held until release() or exit: the kernel drops it with the process, so a
+        lock file left behind is harmless."""
+        path = os.path.join(self.dir, f".lock_{self.tag}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise SystemExit(f"error: --out-dir {self.dir} is in use by another training run of {self.tag}"
+                             f"{f' ({holder})' if holder else ''}; wait for it to end, or choose another --out-dir")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.lock = fd
+
+    def _only_a_lost_epoch(self, args):
+        """--resume auto without a checkpoint, over nothing but the log row of a first epoch that was
+        killed before its checkpoint landed: that epoch runs again."""
+        rows = read_csv(self.log)[1]
+        return self.auto and not os.path.exists(self.checkpoint) and not os.path.exists(self.best) and \
+            [r.get("epoch") for r in rows] == [str(args.start_epoch + 1)]
+
+    def prepare(self, args, start_epoch):
+        """Just before training: --overwrite deletes the previous run's files; a resume of this directory's
+        own checkpoint (or --resume auto over a lost first epoch) drops the log rows after it."""
+        if args.overwrite and not self.resumes_own:
+            found = [p for p in (self.checkpoint, self.best, self.log) if os.path.exists(p)]
+            for path in found:
+                os.unlink(path)
+            if found:
+                log(args, f"=> --overwrite: deleted {', '.join(found)}")
+        else:  # a fresh run that claim() let start has no log, or only the row of a lost first epoch
+            dropped = drop_csv_rows_after(self.log, start_epoch)
+            if dropped:
+                log(args, f"=> dropped epoch {', '.join(dropped)} from {self.log}: it was killed before its "
+                    f"checkpoint landed and runs again")
+
+    def saved(self):
+        """What this run leaves in the checkpoint, in words."""
+        if self.saved_epoch is not None:
+            return f"{self.checkpoint} holds epoch {self.saved_epoch}: continue with --resume {self.checkpoint}"
+        return f"{self.checkpoint} is as it was" if self.resumes_own else "nothing was saved"
+
+    def release(self):
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+
+def check_dirs(args):
+    """--out-dir (when this run writes there) must be a directory, or creatable, and writable; --data-dir
+    (when a dataset is read) a directory, or creatable: a read-only one holding the dataset is fine."""
+    if not args.evaluate or args.stats or args.time_sweep:
+        _usable_dir("--out-dir", args.out_dir, write=True)
+    if not args.synthetic:
+        _usable_dir("--data-dir", args.data_dir, write=False)
+
+
+def _usable_dir(flag, path, write):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path} is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path} cannot be created ({e.strerror or e})")
+    if write:
+        try:
+            tempfile.TemporaryFile(dir=path).close()
+        except OSError as e:
+            raise SystemExit(f"error: {flag} {path} is not writable ({e.strerror or e})")
+
+
+# ----------------------------------------------------------------------------------------------
 # The run
+
+class _Given(argparse.Namespace):
+    """A namespace in which every attribute seems to exist, so argparse fills in no default: after
+    parsing, it holds the flags given on the command line alone."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # argparse's own bookkeeping (_unrecognized_args)
+            raise AttributeError(name)
+        return None
+
 
 def main(Model, defaults, datasets=None, argv=None):
     """Parse the flags, build `Model`, then evaluate (--evaluate) or train. Returns the network."""
     parser = get_parser(sys.modules[Model.__module__].__doc__, defaults, datasets)
     args = parser.parse_args(argv)
+    given = set(vars(parser.parse_args(argv, namespace=_Given())))
     if (args.stats or args.time_sweep) and not args.evaluate:
         parser.error("--stats and --time-sweep measure an evaluation: add --evaluate (and --resume PATH)")
-    device = setup(args)
+    processes(args)
+    files = RunFiles(args)  # resolves --resume auto
+    if args.resume:
+        check_checkpoint_exists(args.resume)
+    if not args.evaluate and not args.resume and args.start_epoch >= args.epochs:
+        parser.error(f"--start-epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}")
+    check_dirs(args)
     try:
-        return run(Model, args, device)
+        if not args.evaluate and args.rank == 0:
+            files.claim(args)
+        device = setup(args)
+        try:
+            return run(Model, args, device, files, given)
+        finally:
+            if args.distributed:
+                dist.destroy_process_group()
     except KeyboardInterrupt:
-        raise SystemExit("interrupted; the last completed epoch is in the checkpoint")
+        if args.evaluate:
+            raise SystemExit("interrupted; the evaluation wrote nothing")
+        where = f"in epoch {files.epoch}" if files.epoch else "before training began"
+        raise SystemExit(f"interrupted {where}; {files.saved()}")
     except NonFiniteError as e:
-        raise SystemExit(f"error: {e}. Stopped; no non-finite weights were saved")
+        raise SystemExit(f"error: {e}. Stopped; {files.saved()}")
     finally:
-        if args.distributed:
-            dist.destroy_process_group()
+        files.release()
 
 
-def run(Model, args, device):
+def run(Model, args, device, files=None, given=()):
+    """Build, load (--resume), then evaluate or train; `files` as main() claimed them, `given` the flags
+    on the command line."""
+    files = files or RunFiles(args)
     if args.time_sweep and args.time_sweep[-1] > args.time_steps:  # the sweep reads out inside one window
         log(args, f"=> --time-sweep goes to {args.time_sweep[-1]} steps: evaluating with --time-steps "
             f"{args.time_sweep[-1]} instead of {args.time_steps}")
@@ -701,21 +922,31 @@ def run(Model, args, device):
         if trained_with != args.time_steps:
             log(args, f"=> note: trained with --time-steps {trained_with}, running with {args.time_steps}")
         if not args.evaluate:
-            start_epoch, best_prec1 = restore_training(ckpt, net, optimizer, scheduler, args)
+            start_epoch, best_prec1 = restore_training(ckpt, net, optimizer, scheduler, args, given)
+            if files.resumes_own:
+                files.saved_epoch = start_epoch
+            if start_epoch >= args.epochs:
+                done = f"{args.resume} holds {start_epoch} epochs, and --epochs is {args.epochs}: nothing to train"
+                if files.auto:  # a job script re-run after the run ended
+                    log(args, f"=> {done}")
+                    return net
+                raise SystemExit(f"error: --resume {done}; raise --epochs to train on")
     val_loader = get_loader(args, False, device)
-    log_path = os.path.join(args.out_dir, f"log_{args.tag}.csv")
     if args.evaluate:  # one pass: --stats and --time-sweep are measured on the spikes of the Test: line
         result = evaluate_with_stats(net, val_loader, device, args.time_sweep or (), args.stats, args)
         log(args, "Test: " + fmt(result["accuracy"]))
         if (args.stats or args.time_sweep) and args.rank == 0:
-            log(args, save_stats_outputs(result, args.out_dir, log_path))
+            log(args, save_stats_outputs(result, args.out_dir, files.log))
         return net
 
     train_loader = get_loader(args, True, device)
     model = DistributedDataParallel(net) if args.distributed else net  # on CUDA it uses the current device
     monitor = HealthMonitor(args)
-    os.makedirs(args.out_dir, exist_ok=True)
+    curves = os.path.join(args.out_dir, "training_curves.png")
+    if args.rank == 0:
+        files.prepare(args, start_epoch)
     for epoch in range(start_epoch, args.epochs):
+        files.epoch = epoch + 1
         if args.distributed:
             train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         start, lr = time.time(), optimizer.param_groups[0]["lr"]
@@ -725,14 +956,16 @@ def run(Model, args, device):
         is_best, best_prec1 = test["prec1"] > best_prec1, max(test["prec1"], best_prec1)
         seconds, rates = time.time() - start, {k: v for k, v in train.items() if k.startswith("rate_")}
         check_weights_finite(net.state_dict(), epoch + 1, args)  # on every rank (the same weights): all stop
-        if args.rank == 0:
-            save_checkpoint(checkpoint_state(net, optimizer, scheduler, epoch + 1, best_prec1, args), is_best, args)
-            append_csv(log_path, {
+        if args.rank == 0:  # the log row first: if the checkpoint never lands, a resume drops it
+            append_csv(files.log, {
                 "epoch": epoch + 1, "lr": lr, **{f"train_{k}": train[k] for k in ("loss", "ce", "prec1", "prec5")},
                 **{f"test_{k}": test[k] for k in ("loss", "ce", "prec1", "prec5")}, "seconds": round(seconds, 1),
                 **rates})
-            save_figure(stats.plot_training_curves(log_path), os.path.join(args.out_dir, "training_curves.png"))
+            save_checkpoint(checkpoint_state(net, optimizer, scheduler, epoch + 1, best_prec1, args), is_best, args)
+            save_figure(stats.plot_training_curves(files.log), curves)
+        files.saved_epoch = epoch + 1
         log(args, f"=> epoch {epoch + 1}/{args.epochs} lr {lr:.3g} {seconds:.0f} s | train {fmt(train)} | "
             f"Test: {fmt(test)} | rates " + " ".join(f"{k[5:]} {v:.3f}" for k, v in rates.items()))
-    log(args, f"=> best Prec@1 {best_prec1:.3f}; checkpoints and log_{args.tag}.csv in {args.out_dir}")
+    written = [os.path.basename(p) for p in (files.checkpoint, files.best, files.log, curves) if os.path.exists(p)]
+    log(args, f"=> best Prec@1 {best_prec1:.3f}; {', '.join(written)} in {args.out_dir}")
     return net

@@ -44,7 +44,7 @@ class Spike(torch.autograd.Function):
 
 
 def leak_correction(lf, n, leak):
-    """G = 1[LF > 1e-3] + ln(λ)·LF/N' with N' = N + 1[N < 1e-3] (the paper's leak correction); 0 for silent neurons."""
+    """G = 1[LF > 1e-3] + ln(λ)·LF/N' with N' = N + 1[N < 1e-3]; 0 for silent neurons."""
     n_safe = n + (n < 1e-3).to(n.dtype)  # avoid 0/0 for silent neurons (their LF is 0 anyway)
     return (lf > 1e-3).to(lf.dtype) + math.log(leak) * lf / n_safe
 

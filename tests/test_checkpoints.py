@@ -162,3 +162,20 @@ def test_optimizer_state_that_does_not_fit(buffer, phrase, tmp_path, tiny):
                                                     *tiny])
     assert code == 1 and f"its optimizer state does not fit ({phrase})" in message
     assert not (tmp_path / "run" / "log_mnist1.csv").exists()
+
+
+def test_resume_applies_the_optimizer_flags_given_and_keeps_the_others(tmp_path, tiny, capsys):
+    """Run with --lr 0.01 --momentum 0.5, then resume with --lr 0.002 alone: the new LR (at its place in
+    the schedule), with a note; the checkpoint's momentum, although the default is 0."""
+    steps = [*tiny, "--lr-steps", "1", "--out-dir", tmp_path]
+    run_main("mnist_LeNet.py", [*steps, "--epochs", "1", "--lr", "0.01", "--momentum", "0.5"])
+    assert "=> note" not in capsys.readouterr().out
+    run_main("mnist_LeNet.py", [*steps, "--epochs", "2", "--lr", "0.002", "--resume", "auto"])
+    assert "=> note: the flags given replace the checkpoint's optimizer settings: --lr 0.01 → 0.002\n" in \
+        capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "log_mnist1.csv")))
+    assert [float(r["lr"]) for r in rows] == [0.01, pytest.approx(0.002 * 0.2)]  # after the step at epoch 1
+    ckpt = torch.load(tmp_path / "checkpointT1_mnist1.pth.tar", map_location="cpu", weights_only=True)
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["momentum"] == 0.5 and group["initial_lr"] == 0.002 and ckpt["scheduler"]["base_lrs"] == [0.002]
+    assert (ckpt["args"]["lr"], ckpt["args"]["momentum"]) == (0.002, 0.5)  # the args say what ran

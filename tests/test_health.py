@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import utils
+from conftest import exit_message, run_main
 
 LENET = (("cnn1.weight", (20, 1, 5, 5)), ("cnn2.weight", (50, 20, 5, 5)), ("fc0.weight", (200, 2450)),
          ("fc1.weight", (10, 200)))
@@ -83,6 +84,26 @@ def test_non_finite_weights_are_never_saved(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # End to end
+
+def test_a_diverging_run_stops_at_its_first_non_finite_loss(tmp_path, tiny):
+    """--lr 1e30: the loss is inf at batch 2. The run stops there, before the step that would turn every
+    weight NaN (after which no layer fires and the monitor would see "silence"): exit 1, one line naming
+    the batch and the loss; the checkpoint keeps the last good epoch."""
+    run_main("mnist_LeNet.py", [*tiny, "--epochs", "1", "--out-dir", tmp_path])
+    checkpoint = tmp_path / "checkpointT1_mnist1.pth.tar"
+    good = checkpoint.read_bytes()
+    code, message = exit_message("mnist_LeNet.py", [*tiny, "--epochs", "3", "--out-dir", tmp_path, "--resume", "auto",
+                                                    "--limit-train", "96", "--lr", "1e30"])
+    assert code == 1 and message.startswith("error: the training loss is inf in epoch 2, batch 2: training diverged")
+    assert "--lr 1e+30: try it 10× lower" in message
+    assert message.endswith(f"Stopped; {checkpoint} holds epoch 1: continue with --resume {checkpoint}")
+    assert checkpoint.read_bytes() == good and len(list(csv.DictReader(open(tmp_path / "log_mnist1.csv")))) == 1
+
+    code, message = exit_message("mnist_LeNet.py", [*tiny, "--epochs", "1", "--out-dir", tmp_path / "new",
+                                                    "--lr", "1e30"])
+    assert message.endswith("Stopped; nothing was saved")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == [".lock_mnist1"]
+
 
 @pytest.fixture
 def silent_lenet(tmp_path):

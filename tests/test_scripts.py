@@ -96,6 +96,46 @@ def test_bad_settings_are_rejected_in_one_line(flag, value, phrase, capsys):
     assert len(err.splitlines()) == 1 and phrase in err, err
 
 
+def test_a_start_epoch_with_nothing_to_train_is_rejected(capsys):
+    import mnist_LeNet
+    with pytest.raises(SystemExit) as e:
+        utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=["--start-epoch", "3", "--epochs", "3", "--synthetic"])
+    assert e.value.code == 2
+    assert "--start-epoch 3 leaves nothing to train with --epochs 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,phrase", [
+    (["--out-dir", "{file}"], "--out-dir {file} is not a directory"),
+    (["--out-dir", "{file}/sub"], "--out-dir {file}/sub cannot be created (Not a directory)"),
+    (["--out-dir", "/proc/snn-out"], "--out-dir /proc/snn-out cannot be created"),
+    (["--evaluate", "--stats", "--out-dir", "{file}"], "--out-dir {file} is not a directory"),
+    (["--evaluate", "--data-dir", "{file}"], "--data-dir {file} is not a directory")])
+def test_bad_directories_are_one_line_before_any_work(flags, phrase, tmp_path, capsys):
+    """Checked up front: the --stats evaluation must not run first and fail at its end."""
+    import mnist_LeNet
+    file = tmp_path / "a-file"
+    file.write_text("")
+    flags = [f.format(file=file) for f in flags]
+    synthetic = [] if "--data-dir" in flags else ["--synthetic"]
+    with pytest.raises(SystemExit) as e:
+        utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=[*flags, *synthetic, "--device", "cpu"])
+    assert e.value.code.startswith(f"error: {phrase.format(file=file)}") and "\n" not in e.value.code, e.value.code
+    assert capsys.readouterr().out == ""  # nothing ran, not even setup
+
+
+def test_an_unwritable_out_dir_is_refused(tmp_path, monkeypatch):
+    """A read-only directory (root writes everywhere, so the refusal is simulated where it would come from)."""
+    import mnist_LeNet
+
+    def read_only(dir=None, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(utils.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(SystemExit) as e:
+        utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=["--synthetic", "--out-dir", str(tmp_path)])
+    assert e.value.code == f"error: --out-dir {tmp_path} is not writable (Permission denied)"
+
+
 def test_bad_setting_from_the_shell_has_no_traceback(run_script, clean_error):
     clean_error(run_script("cifar10_VGG9.py", "--leak", "1.5"), "--leak: must lie in (0, 1]", code=2)
 

@@ -792,6 +792,11 @@ class RunFiles:
             os.close(fd)
             raise SystemExit(f"error: --out-dir {self.dir} is in use by another training run of {self.tag}"
                              f"{f' ({holder})' if holder else ''}; wait for it to end, or choose another --out-dir")
+        except OSError as e:  # a file system without locks (some NFS): run, but say what is not guarded
+            os.close(fd)
+            tqdm.write(f"WARNING: cannot lock {path} ({e.strerror or e}): a second run in --out-dir {self.dir} "
+                       f"would not be refused", file=sys.stderr)
+            return
         os.ftruncate(fd, 0)
         os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
         self.lock = fd

@@ -76,6 +76,16 @@ def test_a_second_run_beside_a_live_one_is_refused(tmp_path, tiny, monkeypatch):
     run_main(LENET, [*tiny, "--epochs", "2", "--out-dir", tmp_path, "--resume", "auto"])  # the stale file is no lock
 
 
+def test_a_file_system_without_locks_warns_and_runs(tmp_path, tiny, monkeypatch, capsys):
+    def no_locks(fd, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(utils.fcntl, "flock", no_locks)
+    run_main(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path])
+    assert f"WARNING: cannot lock {tmp_path}/.lock_mnist1 (No locks available)" in capsys.readouterr().err
+    assert (tmp_path / "checkpointT1_mnist1.pth.tar").exists()
+
+
 def test_a_kill_between_log_row_and_checkpoint_loses_no_epoch(tmp_path, tiny, monkeypatch, capsys):
     """The log row of an epoch goes in before its checkpoint: a kill between them leaves a row the
     checkpoint lacks (and the temp file of the save); the resume drops both and runs that epoch again."""

@@ -28,7 +28,7 @@ DEFAULTS = dict(                 # the paper's settings (docs/reproduce.md)
 
 
 class VGG9(SpikingNetwork):
-    images_per_call = 80  # CPU: a call's 64 × 32 × 32 currents stay at 21 MB (T = 20, B = 8 training 1.3× faster)
+    images_per_call = 80  # CPU: a call's currents then stay within the cache-friendly size; docs/performance.md
 
     def __init__(self, time_steps=100, leak=0.99, dropout=0.2, time_chunk=None):
         super().__init__(time_steps, leak, time_chunk)

@@ -1,7 +1,7 @@
 """ResNet7 on SVHN, trained directly on Poisson spikes (Lee et al. 2020).
 
 The paper trains a 7-layer ResNet on SVHN but its exact layer string could not be recovered.
-This is our reconstruction (SPEC §3): ResNet11's stem and its first two blocks.
+This is our reconstruction: ResNet11's stem and its first two blocks.
 
     32×32×3 – cnn11 64 – P – [cnn21 128, cnn22 128] – [cnn31 256, cnn32 256 /2] – fc0 1024 – fc1 10
 
@@ -10,12 +10,24 @@ Evaluate:  python svhn_ResNet.py --resume model_bestT1_svhn_r7.pth.tar --evaluat
 """
 import utils  # first: it sets the process settings torch reads when it loads
 import torch.nn as nn
-
-import cifar10_ResNet11
 from spiking_layers import Conv2d, Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork, init_weights
 
-# ResNet11's settings (SPEC §4), on SVHN
-DEFAULTS = dict(cifar10_ResNet11.DEFAULTS, dataset="svhn", tag="svhn_r7")
+DEFAULTS = dict(                 # ResNet11's settings (cifar10_ResNet11.py), on SVHN
+    dataset="svhn",
+    time_steps=100,
+    leak=0.99,
+    lr=0.0025,
+    lr_steps=(70, 100, 125),     # ×0.2 at each
+    epochs=150,
+    batch_size=16,
+    test_batch_size=8,
+    dropout=0.25,
+    momentum=0.0,                # the authors parsed 0.9 but never passed it to SGD
+    weight_decay=5e-4,
+    seed=3,
+    cuda_seed=44,
+    tag="svhn_r7",               # checkpointT1_svhn_r7.pth.tar, model_bestT1_svhn_r7.pth.tar
+)
 
 
 class ResNet7(SpikingNetwork):

@@ -6,33 +6,36 @@ Each script calls `main(Model, DEFAULTS, datasets)`. The sections follow the ord
     torchrun --nproc_per_node=4 cifar10_VGG9.py                        DDP: --batch-size is per process
     python cifar10_ResNet11.py --resume model_bestT1_cifar10_r11.pth.tar --evaluate
     python mnist_LeNet.py --resume model_bestT1_mnist1.pth.tar --evaluate --stats --time-sweep 10,20,50,100
+    python cifar10_VGG9.py --out-dir runs/v9 --resume auto              a job script's command: re-run after preemption
 """
 import argparse
+import collections
 import contextlib
 import csv
 import ctypes
+import fcntl
+import glob
 import gzip
+import io
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
 
-# Process settings for the engine on a CPU (measured on our 2-core machine, LeNet T = 100 training
-# step, unless said). The first two are read once, when torch loads, hence here, before `import torch`.
-# - libgomp's threads spin for a while after every parallel region (its default) and so share the
-#   cores with the thread that runs the engine's compiled neuron and pooling loops: those ran up to
-#   1.8× slower, the step took 1.43 s instead of 1.19 s (float32);
-# - 2 MB pages for large tensors, and glibc keeping freed blocks of up to 32 MB rather than giving
-#   them back to the system: the per-chunk buffers otherwise cost up to 50,000 page faults per step
-#   (bf16 step 0.9 s → 1.0–1.2 s; VGG9 T = 20 0.39 s → 0.41–0.58 s).
-# A process that loaded torch before this module keeps its own settings (the benchmarks set them
-# per implementation, see benchmarks/harness.py).
-
-
+# Process settings for the engine on a CPU, named once here (benchmarks/harness.py builds its
+# environments from them; docs/performance.md has the measurements):
+# - OMP_WAIT_POLICY=PASSIVE: libgomp's threads otherwise spin after every parallel region, taking the
+#   cores from the thread that runs the engine's compiled neuron and pooling loops;
+# - THP_MEM_ALLOC_ENABLE=1: 2 MB pages for large tensors, so the per-chunk buffers fault in fewer pages.
+# torch reads both once, when it loads, hence here, before `import torch`. A process that loaded torch
+# before this module keeps its own settings (the benchmarks set them per implementation).
 TORCH_SETTINGS = {"OMP_WAIT_POLICY": "PASSIVE", "THP_MEM_ALLOC_ENABLE": "1"}
+# glibc keeps freed blocks up to these sizes instead of giving them back to the system, so the per-chunk
+# buffers are not faulted in again at every step; set by setup() (mallopt applies whenever it is called)
 MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30  # glibc's largest mmap threshold; keep up to 1 GB
 
 
@@ -49,7 +52,6 @@ def _keep_freed_memory():
 if "torch" not in sys.modules:
     for _name, _value in TORCH_SETTINGS.items():
         os.environ.setdefault(_name, _value)
-    _keep_freed_memory()
 
 import torch
 import torch.distributed as dist
@@ -58,7 +60,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
-from torchvision import transforms as T
+from torchvision import transforms
 from tqdm import tqdm
 
 import stats
@@ -88,7 +90,7 @@ def _checked(kind, ok, rule):
     def parse(text):
         try:
             value = kind(text)
-        except ValueError:
+        except (ValueError, OverflowError):
             value = None
         if value is None or not ok(value):
             raise argparse.ArgumentTypeError(f"{rule}, got {text!r}")
@@ -96,7 +98,16 @@ def _checked(kind, ok, rule):
     return parse
 
 
+def _finite(ok, rule):
+    """An argparse type for a float that is finite (nan and ±inf never make sense here) and passes ok."""
+    return _checked(float, lambda x: math.isfinite(x) and ok(x), rule)
+
+
+# torch.manual_seed takes seeds below 2**64; the seed + rank (and the sampler's seed + epoch) stay below it
+SEED_LIMIT = 2 ** 63
 COUNT = _checked(int, lambda n: n >= 1, "must be an integer ≥ 1")
+NATURAL = _checked(int, lambda n: n >= 0, "must be an integer ≥ 0")
+SEED = _checked(int, lambda n: 0 <= n < SEED_LIMIT, "must be an integer from 0 to 2**63 - 1")
 EPOCHS = _checked(lambda s: tuple(int(e) for e in s.split(",") if e.strip()), lambda t: True, "must be like 70,100")
 STEPS = _checked(lambda s: tuple(sorted({int(e) for e in s.split(",") if e.strip()})), lambda t: t and t[0] >= 1,
                  "must be step counts ≥ 1, like 10,20,50,100")
@@ -110,25 +121,29 @@ def get_parser(description, defaults, datasets=None):
         a("--dataset", choices=datasets, help="dataset")
     a("-b", "--batch-size", type=COUNT, metavar="N", help="training mini-batch size *per process*")
     a("--test-batch-size", type=COUNT, metavar="N", help="test mini-batch size per process")
-    a("--lr", type=_checked(float, lambda x: x > 0, "must be > 0"), help="initial learning rate (SGD)")
+    a("--lr", type=_finite(lambda x: x > 0, "must be a finite number > 0"), help="initial learning rate (SGD)")
     a("--lr-steps", type=EPOCHS, metavar="E1,E2", help="epochs after which the LR is multiplied by 0.2")
-    a("--momentum", type=float, metavar="M", help="SGD momentum; 0 is faithful: the authors parsed "
-      "--momentum 0.9 but never passed it to SGD")
-    a("--wd", "--weight-decay", type=float, dest="weight_decay", metavar="W", help="weight decay")
-    a("--epochs", type=int, metavar="N", help="train until this many epochs are complete")
-    a("--start-epoch", type=int, default=0, metavar="N", help="epochs already done, for a restart without "
+    a("--momentum", type=_finite(lambda x: 0 <= x < 1, "must lie in [0, 1)"), metavar="M",
+      help="SGD momentum; 0 is faithful: the authors parsed --momentum 0.9 but never passed it to SGD")
+    a("--wd", "--weight-decay", type=_finite(lambda x: x >= 0, "must be a finite number ≥ 0"), dest="weight_decay",
+      metavar="W", help="weight decay")
+    a("--epochs", type=COUNT, metavar="N", help="train until this many epochs are complete")
+    a("--start-epoch", type=NATURAL, default=0, metavar="N", help="epochs already done, for a restart without "
       "a checkpoint (--resume overrides it)")
     a("-p", "--print-freq", type=COUNT, default=100, metavar="N", help="a status line every N mini-batches "
       "when the progress bar is off")
-    a("--resume", metavar="PATH", help="checkpoint to start from: ours, or the authors' releases")
+    a("--resume", metavar="PATH", help="checkpoint to start from: ours, or the authors' releases. 'auto': "
+      "--out-dir's own checkpointT1_<tag>.pth.tar if there is one, else a fresh start (a command to re-run "
+      "after preemption). Optimizer flags given on the command line replace the checkpoint's")
+    a("--overwrite", action="store_true", help="start a training run in an --out-dir that holds a previous "
+      "run's checkpoints or log: they are deleted when training starts")
     a("-e", "--evaluate", action="store_true", help="evaluate on the test set and exit")
-    a("-j", "--workers", type=int, default=2, metavar="N", help="data loading worker processes")
+    a("-j", "--workers", type=NATURAL, default=2, metavar="N", help="data loading worker processes")
     a("--time-steps", type=COUNT, metavar="T", help="time steps per image, training and test")
-    a("--leak", type=_checked(float, lambda x: 0 < x <= 1, "must lie in (0, 1]"),
-      help="leak factor λ of the LIF membranes")
-    a("--dropout", type=_checked(float, lambda x: 0 <= x < 1, "must lie in [0, 1)"),
+    a("--leak", type=_finite(lambda x: 0 < x <= 1, "must lie in (0, 1]"), help="leak factor λ of the LIF membranes")
+    a("--dropout", type=_finite(lambda x: 0 <= x < 1, "must lie in [0, 1)"),
       help="probability of the time-fixed dropout after each spiking layer")
-    a("--seed", type=int, help="torch.manual_seed (+ rank under torchrun); CUDA uses DEFAULTS' cuda_seed")
+    a("--seed", type=SEED, help="torch.manual_seed (+ rank under torchrun); CUDA uses DEFAULTS' cuda_seed")
     a("--data-dir", default="./data", metavar="DIR", help="torchvision datasets are read (or downloaded) here")
     a("--synthetic", action="store_true", help="deterministic random images of the dataset's shape, 10 "
       "classes (torchvision FakeData), instead of the dataset: for smoke tests and CI; learns nothing")
@@ -157,10 +172,16 @@ def get_parser(description, defaults, datasets=None):
 # ----------------------------------------------------------------------------------------------
 # Seed, device, processes
 
-def setup(args):
-    """Join torchrun's process group if there is one, pick the device, seed."""
+def processes(args):
+    """args.world_size, args.rank, args.distributed: torchrun's, or one process."""
     args.world_size, args.rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     args.distributed = args.world_size > 1
+
+
+def setup(args):
+    """Join torchrun's process group if there is one, pick the device, seed; glibc's memory settings."""
+    processes(args)
+    _keep_freed_memory()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but no CUDA device is available")
@@ -199,9 +220,12 @@ TORCHVISION = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
 
 def get_transform(name, train):
     if name not in NORMALISE:  # (Fashion-)MNIST: ToTensor only; the Poisson code reads intensities
-        return T.ToTensor()
-    augment = [T.RandomCrop(32, padding=4)] + ([T.RandomHorizontalFlip()] if name == "cifar10" else [])
-    return T.Compose((augment if train else []) + [T.ToTensor(), T.Normalize(*NORMALISE[name])])
+        return transforms.ToTensor()
+    augment = [transforms.RandomCrop(32, padding=4)]
+    if name == "cifar10":
+        augment.append(transforms.RandomHorizontalFlip())
+    tensor = [transforms.ToTensor(), transforms.Normalize(*NORMALISE[name])]
+    return transforms.Compose((augment if train else []) + tensor)
 
 
 def get_dataset(args, train):
@@ -293,14 +317,18 @@ def train_one_epoch(model, net, loader, optimizer, monitor, epoch, args, device)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             output = model(images).float()
         loss = sse_loss(output, target)
+        # health, before the step: all ranks judge the same numbers (the loss summed, the rates averaged),
+        # or a non-finite loss or --stop-on-dead would stop only some of them
+        rates = {**net.firing_rates(), "output": (output != 0).float().mean().item()}
+        total = loss.item()
+        if args.distributed:
+            total, *summed = all_reduce([total, *rates.values()], device).tolist()
+            rates = dict(zip(rates, (r / args.world_size for r in summed)))
+        monitor.check_loss(total, epoch, i + 1)  # a step on a non-finite loss would make every weight NaN
         # backward with the leak-aware derivative, SGD step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        # health: all ranks judge the same rates, or --stop-on-dead would stop only some of them
-        rates = {**net.firing_rates(), "output": (output != 0).float().mean().item()}
-        if args.distributed:
-            rates = dict(zip(rates, (all_reduce(list(rates.values()), device) / args.world_size).tolist()))
         monitor.check(rates, epoch, i + 1)
         meter.update(len(target), **batch_metrics(output.detach(), target),
                      **{f"rate_{k}": v * len(target) for k, v in rates.items() if k != "output"})
@@ -350,8 +378,27 @@ def checkpoint_state(net, optimizer, scheduler, epoch, best_prec1, args):
 
 
 def save_checkpoint(state, is_best, args):
-    for name in [f"checkpointT1_{args.tag}.pth.tar"] + ([f"model_bestT1_{args.tag}.pth.tar"] if is_best else []):
+    """model_best (when best) first, then the checkpoint: a kill between the two leaves the previous
+    checkpoint, from which a resume re-runs this epoch and writes model_best again. Weights that are
+    not finite are never written (NonFiniteError)."""
+    check_weights_finite(state["state_dict"], state["epoch"], args)
+    for name in ([f"model_bestT1_{args.tag}.pth.tar"] if is_best else []) + [f"checkpointT1_{args.tag}.pth.tar"]:
         atomic_write(os.path.join(args.out_dir, name), lambda f: torch.save(state, f))
+
+
+def check_weights_finite(state_dict, epoch, args):
+    bad = non_finite(state_dict)
+    if bad:
+        raise NonFiniteError(diverged(f"the weights after epoch {epoch} hold NaN or inf ({_some(bad)})", args))
+
+
+def non_finite(state):
+    """The names of the floating-point tensors in `state` that hold a NaN or an inf."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def _some(names, most=3):
+    return ", ".join(names[:most]) + (" …" if len(names) > most else "")
 
 
 def atomic_write(path, write):
@@ -379,11 +426,15 @@ def _umask():
 _UMASK = _umask()
 
 
+def check_checkpoint_exists(path):
+    if not os.path.isfile(path):  # never train from scratch instead, as the authors' scripts did
+        raise SystemExit(f"error: --resume {path}: no such file")
+
+
 def load_checkpoint(path, net):
     """Load weights into `net` from one of ours or an authors' release (legacy serialization, a full
     dict or a bare state_dict, DataParallel's `module.` prefix). Returns the dict, {} if bare."""
-    if not os.path.isfile(path):  # never train from scratch instead, as the authors' scripts did
-        raise SystemExit(f"error: --resume {path}: no such file")
+    check_checkpoint_exists(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint must not run code
     except Exception as e:
@@ -398,30 +449,84 @@ def load_checkpoint(path, net):
                 "shape": [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                           if k in own and v.shape != own[k].shape]}
     if any(problems.values()):
-        found = "; ".join(f"{kind} {', '.join(names[:3])}{' …' if len(names) > 3 else ''}"
-                          for kind, names in problems.items() if names)
+        found = "; ".join(f"{kind} {_some(names)}" for kind, names in problems.items() if names)
         raise SystemExit(f"error: --resume {path} is not a {type(net).__name__} checkpoint: {found}")
+    bad = non_finite(state)
+    if bad:  # it would evaluate to nonsense (and --stats to an energy "advantage"), or train on NaN
+        raise SystemExit(f"error: --resume {path}: its weights hold NaN or inf ({_some(bad)}); it was saved "
+                         f"from a run that had diverged")
     net.load_state_dict(state)
     return ckpt if "state_dict" in ckpt else {}
 
 
-def restore_training(ckpt, optimizer, scheduler, args):
-    """Optimizer, LR schedule and RNG from `ckpt`; returns (start_epoch, best_prec1)."""
+def restore_training(ckpt, net, optimizer, scheduler, args, given=()):
+    """Optimizer, LR schedule and RNG from `ckpt`; returns (start_epoch, best_prec1).
+
+    given: the flags on the command line; --lr, --lr-steps, --momentum and --wd among them replace the
+    checkpoint's settings (see apply_optimizer_flags)."""
     start_epoch = int(ckpt.get("epoch", args.start_epoch))
     try:
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
+            check_optimizer_state(net, optimizer)
         if "scheduler" in ckpt:
             scheduler.load_state_dict(ckpt["scheduler"])
-    except (KeyError, ValueError) as e:
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise SystemExit(f"error: --resume {args.resume}: its optimizer state does not fit ({_first_line(e)})")
-    if "scheduler" not in ckpt:  # an authors' release: their LR is not ours to trust
-        set_lr_for_epoch(optimizer, scheduler, start_epoch, args)
+    apply_optimizer_flags(optimizer, scheduler, start_epoch, "scheduler" in ckpt, args, given)
     if "rng_cpu" in ckpt and not args.distributed:  # under torchrun, each rank keeps its own seed
         torch.set_rng_state(ckpt["rng_cpu"])
         if ckpt.get("rng_cuda") is not None and torch.cuda.device_count() == len(ckpt["rng_cuda"]):
             torch.cuda.set_rng_state_all(list(ckpt["rng_cuda"]))
     return start_epoch, float(ckpt.get("best_prec1", -math.inf))
+
+
+def check_optimizer_state(net, optimizer):
+    """ValueError unless every buffer of the loaded optimizer state has its weight's shape and is
+    finite, and the settings are finite numbers (torch checks only the number of parameters)."""
+    for name, p in net.named_parameters():
+        for key, value in optimizer.state.get(p, {}).items():
+            if not torch.is_tensor(value) or key == "step":
+                continue
+            if value.shape != p.shape:
+                raise ValueError(f"{key} of {name} has shape {tuple(value.shape)}, not {tuple(p.shape)}")
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{key} of {name} holds NaN or inf")
+    for group in optimizer.param_groups:
+        for key in ("lr", "momentum", "weight_decay"):
+            if not isinstance(group.get(key), (int, float)) or not math.isfinite(group[key]):
+                raise ValueError(f"its {key} is {group.get(key)!r}")
+
+
+OPTIMIZER_FLAGS = {"lr": "--lr", "lr_steps": "--lr-steps", "momentum": "--momentum", "weight_decay": "--wd"}
+
+
+def apply_optimizer_flags(optimizer, scheduler, epoch, scheduled, args, given):
+    """After a resume: the optimizer flags on the command line replace the checkpoint's settings (with a
+    note); the others take the checkpoint's, so that args (saved with the next checkpoint) says what
+    runs. Without such flags a resume is exact. An authors' release (not `scheduled`) has no schedule:
+    its LR is not ours to trust, so --lr and --lr-steps always come from the flags (or DEFAULTS)."""
+    group = optimizer.param_groups[0]
+    held = dict(momentum=group["momentum"], weight_decay=group["weight_decay"])
+    if scheduled:
+        held.update(lr=group.get("initial_lr", args.lr), lr_steps=tuple(sorted(scheduler.milestones)))
+    changed = [f"{OPTIMIZER_FLAGS[k]} {_plain(v)} → {_plain(getattr(args, k))}" for k, v in held.items()
+               if k in given and v != getattr(args, k)]
+    for k, v in held.items():
+        if k not in given:
+            setattr(args, k, v)
+    for g in optimizer.param_groups:
+        g.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
+    scheduler.milestones = collections.Counter(args.lr_steps)
+    if changed or not scheduled:
+        set_lr_for_epoch(optimizer, scheduler, epoch, args)
+    if changed:
+        log(args, "=> note: the flags given replace the checkpoint's optimizer settings: " + ", ".join(changed))
+
+
+def _plain(value):
+    return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
 
 
 def set_lr_for_epoch(optimizer, scheduler, epoch, args):
@@ -467,13 +572,42 @@ def all_reduce(values, device):
 
 
 def append_csv(path, row):
-    """One row per epoch; the header goes in with the first row, and a resumed run appends."""
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """One row per epoch, the header with the first. The file is rewritten whole through atomic_write,
+    so that a kill leaves all of the old rows or all of the new, never half a row."""
+    fields, rows = read_csv(path)
+    fields += [k for k in row if k not in fields]
+    write_csv(path, fields, rows + [row])
+
+
+def read_csv(path):
+    """(field names, rows as dicts of strings); ([], []) if there is no such file."""
+    if not os.path.exists(path):
+        return [], []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def write_csv(path, fields, rows):
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=fields, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+
+
+def drop_csv_rows_after(path, epoch):
+    """Keep the rows of epochs ≤ `epoch` (rows of a later epoch come from a run killed after writing its
+    row, before its checkpoint landed; that epoch runs again). Returns the epochs dropped."""
+    fields, rows = read_csv(path)
+    keep = [(r.get("epoch") or "").isdigit() and int(r["epoch"]) <= epoch for r in rows]
+    if all(keep):
+        return []
+    if any(keep):
+        write_csv(path, fields, [r for r, k in zip(rows, keep) if k])
+    else:
+        os.unlink(path)
+    return [r.get("epoch") for r, k in zip(rows, keep) if not k]
 
 
 def fmt(m):
@@ -486,6 +620,17 @@ def fmt(m):
 LOUDER = "more time steps (--time-steps), a lower learning rate (--lr), or a larger init scale"
 
 
+class NonFiniteError(Exception):
+    """Training produced NaN or inf (loss or weights): the run stops at once, saving nothing more."""
+
+
+def diverged(what, args):
+    """One line: what went non-finite, and the likely causes."""
+    amp = ", or a bfloat16 overflow under --amp" if args.amp else ""
+    return (f"{what}: training diverged, most likely from a learning rate too high for this network "
+            f"(--lr {args.lr:g}: try it 10× lower){amp}")
+
+
 class HealthMonitor:
     """Catches a layer that is silent (rate 0) or saturated (rate 1) batch after batch.
 
@@ -494,6 +639,13 @@ class HealthMonitor:
 
     def __init__(self, args):
         self.args, self.streak, self.reported = args, {}, set()
+
+    def check_loss(self, loss, epoch, batch):
+        """A NaN or inf training loss stops the run (NonFiniteError) before its step. Left to run, every
+        weight turns NaN, no neuron fires again, and the layers would look silent for the wrong reason."""
+        if not math.isfinite(loss):
+            raise NonFiniteError(diverged(f"the training loss is {loss} in epoch {epoch + 1}, batch {batch}",
+                                          self.args))
 
     def check(self, rates, epoch, batch):
         """rates: layer -> firing rate in this batch; 'output' -> fraction of non-zero outputs."""
@@ -568,7 +720,7 @@ def save_figure(fig, path):
     if fig is None:
         return None
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))  # ~20–40 kB per plot
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     return path
 
 
@@ -590,25 +742,173 @@ def save_stats_outputs(result, out_dir, csv_path=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# The out-dir: a training run owns its files there
+
+class RunFiles:
+    """A training run's files in --out-dir: checkpointT1_<tag>.pth.tar, model_bestT1_<tag>.pth.tar,
+    log_<tag>.csv, and the lock file .lock_<tag>; and what this run has saved so far (for the truth of
+    its last words). Rank 0 alone locks and writes."""
+
+    def __init__(self, args):
+        self.dir, self.tag = args.out_dir, args.tag
+        self.checkpoint, self.best, self.log = (os.path.join(args.out_dir, name) for name in (
+            f"checkpointT1_{args.tag}.pth.tar", f"model_bestT1_{args.tag}.pth.tar", f"log_{args.tag}.csv"))
+        self.auto = args.resume == "auto"
+        if self.auto:  # the one command a job script can re-run after preemption
+            args.resume = self.checkpoint if os.path.exists(self.checkpoint) else None
+            if args.resume is None and args.evaluate:
+                raise SystemExit(f"error: --resume auto: there is no {self.checkpoint} to evaluate")
+        self.resumes_own = bool(args.resume) and os.path.exists(args.resume) and os.path.exists(
+            self.checkpoint) and os.path.samefile(args.resume, self.checkpoint)
+        self.lock = None  # the lock file's descriptor while this process holds it
+        self.epoch = self.saved_epoch = None  # the epoch in progress; the one self.checkpoint holds
+
+    def claim(self, args):
+        """Lock the out-dir for this tag, refuse to start over a previous run's files, and remove the temp
+        files a killed save left. One line and exit 1 on a refusal."""
+        self._lock()
+        found = [p for p in (self.checkpoint, self.best, self.log) if os.path.exists(p)]
+        if found and not (self.resumes_own or args.overwrite or self._only_a_lost_epoch(args)):
+            names = ", ".join(os.path.basename(p) for p in found)
+            resume = f"continue it with --resume {self.checkpoint} (or --resume auto), " \
+                if self.checkpoint in found else ""
+            raise SystemExit(f"error: --out-dir {self.dir} holds a previous run's {names}: {resume}or start "
+                             f"over with --overwrite (deletes them), or choose another --out-dir")
+        for target in (self.checkpoint, self.best, self.log):  # atomic_write's names
+            folder, name = os.path.split(target)
+            for tmp in glob.glob(os.path.join(glob.escape(folder or "."), glob.escape(f".{name}.") + "*.tmp")):
+                os.unlink(tmp)
+                log(args, f"=> removed {tmp}, left by a save that was killed")
+
+    def _lock(self):
+        """flock on a descriptor held until release() or exit: the kernel drops it with the process, so a
+        lock file left behind is harmless."""
+        path = os.path.join(self.dir, f".lock_{self.tag}")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise SystemExit(f"error: --out-dir {self.dir} is in use by another training run of {self.tag}"
+                             f"{f' ({holder})' if holder else ''}; wait for it to end, or choose another --out-dir")
+        except OSError as e:  # a file system without locks (some NFS): run, but say what is not guarded
+            os.close(fd)
+            tqdm.write(f"WARNING: cannot lock {path} ({e.strerror or e}): a second run in --out-dir {self.dir} "
+                       f"would not be refused", file=sys.stderr)
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.lock = fd
+
+    def _only_a_lost_epoch(self, args):
+        """--resume auto without a checkpoint, over nothing but the log row of a first epoch that was
+        killed before its checkpoint landed: that epoch runs again."""
+        rows = read_csv(self.log)[1]
+        return self.auto and not os.path.exists(self.checkpoint) and not os.path.exists(self.best) and \
+            [r.get("epoch") for r in rows] == [str(args.start_epoch + 1)]
+
+    def prepare(self, args, start_epoch):
+        """Just before training: --overwrite deletes the previous run's files; a resume of this directory's
+        own checkpoint (or --resume auto over a lost first epoch) drops the log rows after it."""
+        if args.overwrite and not self.resumes_own:
+            found = [p for p in (self.checkpoint, self.best, self.log) if os.path.exists(p)]
+            for path in found:
+                os.unlink(path)
+            if found:
+                log(args, f"=> --overwrite: deleted {', '.join(found)}")
+        else:  # a fresh run that claim() let start has no log, or only the row of a lost first epoch
+            dropped = drop_csv_rows_after(self.log, start_epoch)
+            if dropped:
+                log(args, f"=> dropped epoch {', '.join(dropped)} from {self.log}: it was killed before its "
+                    f"checkpoint landed and runs again")
+
+    def saved(self):
+        """What this run leaves in the checkpoint, in words."""
+        if self.saved_epoch is not None:
+            return f"{self.checkpoint} holds epoch {self.saved_epoch}: continue with --resume {self.checkpoint}"
+        return f"{self.checkpoint} is as it was" if self.resumes_own else "nothing was saved"
+
+    def release(self):
+        if self.lock is not None:
+            os.close(self.lock)
+            self.lock = None
+
+
+def check_dirs(args):
+    """--out-dir (when this run writes there) must be a directory, or creatable, and writable; --data-dir
+    (when a dataset is read) a directory, or creatable: a read-only one holding the dataset is fine."""
+    if not args.evaluate or args.stats or args.time_sweep:
+        _usable_dir("--out-dir", args.out_dir, write=True)
+    if not args.synthetic:
+        _usable_dir("--data-dir", args.data_dir, write=False)
+
+
+def _usable_dir(flag, path, write):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SystemExit(f"error: {flag} {path} is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path} cannot be created ({e.strerror or e})")
+    if write:
+        try:
+            tempfile.TemporaryFile(dir=path).close()
+        except OSError as e:
+            raise SystemExit(f"error: {flag} {path} is not writable ({e.strerror or e})")
+
+
+# ----------------------------------------------------------------------------------------------
 # The run
+
+class _Given(argparse.Namespace):
+    """A namespace in which every attribute seems to exist, so argparse fills in no default: after
+    parsing, it holds the flags given on the command line alone."""
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # argparse's own bookkeeping (_unrecognized_args)
+            raise AttributeError(name)
+        return None
+
 
 def main(Model, defaults, datasets=None, argv=None):
     """Parse the flags, build `Model`, then evaluate (--evaluate) or train. Returns the network."""
     parser = get_parser(sys.modules[Model.__module__].__doc__, defaults, datasets)
     args = parser.parse_args(argv)
+    given = set(vars(parser.parse_args(argv, namespace=_Given())))
     if (args.stats or args.time_sweep) and not args.evaluate:
         parser.error("--stats and --time-sweep measure an evaluation: add --evaluate (and --resume PATH)")
-    device = setup(args)
+    processes(args)
+    files = RunFiles(args)  # resolves --resume auto
+    if args.resume:
+        check_checkpoint_exists(args.resume)
+    if not args.evaluate and not args.resume and args.start_epoch >= args.epochs:
+        parser.error(f"--start-epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}")
+    check_dirs(args)
     try:
-        return run(Model, args, device)
+        if not args.evaluate and args.rank == 0:
+            files.claim(args)
+        device = setup(args)
+        try:
+            return run(Model, args, device, files, given)
+        finally:
+            if args.distributed:
+                dist.destroy_process_group()
     except KeyboardInterrupt:
-        raise SystemExit("interrupted; the last completed epoch is in the checkpoint")
+        if args.evaluate:
+            raise SystemExit("interrupted; the evaluation wrote nothing")
+        where = f"in epoch {files.epoch}" if files.epoch else "before training began"
+        raise SystemExit(f"interrupted {where}; {files.saved()}")
+    except NonFiniteError as e:
+        raise SystemExit(f"error: {e}. Stopped; {files.saved()}")
     finally:
-        if args.distributed:
-            dist.destroy_process_group()
+        files.release()
 
 
-def run(Model, args, device):
+def run(Model, args, device, files=None, given=()):
+    """Build, load (--resume), then evaluate or train; `files` as main() claimed them, `given` the flags
+    on the command line."""
+    files = files or RunFiles(args)
     if args.time_sweep and args.time_sweep[-1] > args.time_steps:  # the sweep reads out inside one window
         log(args, f"=> --time-sweep goes to {args.time_sweep[-1]} steps: evaluating with --time-steps "
             f"{args.time_sweep[-1]} instead of {args.time_steps}")
@@ -627,21 +927,31 @@ def run(Model, args, device):
         if trained_with != args.time_steps:
             log(args, f"=> note: trained with --time-steps {trained_with}, running with {args.time_steps}")
         if not args.evaluate:
-            start_epoch, best_prec1 = restore_training(ckpt, optimizer, scheduler, args)
+            start_epoch, best_prec1 = restore_training(ckpt, net, optimizer, scheduler, args, given)
+            if files.resumes_own:
+                files.saved_epoch = start_epoch
+            if start_epoch >= args.epochs:
+                done = f"{args.resume} holds {start_epoch} epochs, and --epochs is {args.epochs}: nothing to train"
+                if files.auto:  # a job script re-run after the run ended
+                    log(args, f"=> {done}")
+                    return net
+                raise SystemExit(f"error: --resume {done}; raise --epochs to train on")
     val_loader = get_loader(args, False, device)
-    log_path = os.path.join(args.out_dir, f"log_{args.tag}.csv")
     if args.evaluate:  # one pass: --stats and --time-sweep are measured on the spikes of the Test: line
         result = evaluate_with_stats(net, val_loader, device, args.time_sweep or (), args.stats, args)
         log(args, "Test: " + fmt(result["accuracy"]))
         if (args.stats or args.time_sweep) and args.rank == 0:
-            log(args, save_stats_outputs(result, args.out_dir, log_path))
+            log(args, save_stats_outputs(result, args.out_dir, files.log))
         return net
 
     train_loader = get_loader(args, True, device)
     model = DistributedDataParallel(net) if args.distributed else net  # on CUDA it uses the current device
     monitor = HealthMonitor(args)
-    os.makedirs(args.out_dir, exist_ok=True)
+    curves = os.path.join(args.out_dir, "training_curves.png")
+    if args.rank == 0:
+        files.prepare(args, start_epoch)
     for epoch in range(start_epoch, args.epochs):
+        files.epoch = epoch + 1
         if args.distributed:
             train_loader.sampler.set_epoch(epoch)  # a new shuffle each epoch, the same on every rank
         start, lr = time.time(), optimizer.param_groups[0]["lr"]
@@ -650,14 +960,17 @@ def run(Model, args, device):
         scheduler.step()
         is_best, best_prec1 = test["prec1"] > best_prec1, max(test["prec1"], best_prec1)
         seconds, rates = time.time() - start, {k: v for k, v in train.items() if k.startswith("rate_")}
-        if args.rank == 0:
-            save_checkpoint(checkpoint_state(net, optimizer, scheduler, epoch + 1, best_prec1, args), is_best, args)
-            append_csv(log_path, {
+        check_weights_finite(net.state_dict(), epoch + 1, args)  # on every rank (the same weights): all stop
+        if args.rank == 0:  # the log row first: if the checkpoint never lands, a resume drops it
+            append_csv(files.log, {
                 "epoch": epoch + 1, "lr": lr, **{f"train_{k}": train[k] for k in ("loss", "ce", "prec1", "prec5")},
                 **{f"test_{k}": test[k] for k in ("loss", "ce", "prec1", "prec5")}, "seconds": round(seconds, 1),
                 **rates})
-            save_figure(stats.plot_training_curves(log_path), os.path.join(args.out_dir, "training_curves.png"))
+            save_checkpoint(checkpoint_state(net, optimizer, scheduler, epoch + 1, best_prec1, args), is_best, args)
+            save_figure(stats.plot_training_curves(files.log), curves)
+        files.saved_epoch = epoch + 1
         log(args, f"=> epoch {epoch + 1}/{args.epochs} lr {lr:.3g} {seconds:.0f} s | train {fmt(train)} | "
             f"Test: {fmt(test)} | rates " + " ".join(f"{k[5:]} {v:.3f}" for k, v in rates.items()))
-    log(args, f"=> best Prec@1 {best_prec1:.3f}; checkpoints and log_{args.tag}.csv in {args.out_dir}")
+    written = [os.path.basename(p) for p in (files.checkpoint, files.best, files.log, curves) if os.path.exists(p)]
+    log(args, f"=> best Prec@1 {best_prec1:.3f}; {', '.join(written)} in {args.out_dir}")
     return net

@@ -1,5 +1,5 @@
-"""Shared fixtures and helpers: the repository on sys.path, the four networks, spike trains, a subprocess
-runner, tiny offline flags, the Fashion-MNIST guard."""
+"""Shared fixtures and helpers: the repository on sys.path, the four networks, a script's main() in this
+process, spike trains, a subprocess runner, tiny offline flags, the Fashion-MNIST guard."""
 import importlib
 import os
 import subprocess
@@ -46,6 +46,25 @@ def network(script, **kw):
     """(network, script module): the script's network class built with kw."""
     module = importlib.import_module(script[:-3])
     return getattr(module, NETWORKS[script][0])(**kw), module
+
+
+def run_main(script, argv):
+    """The script's main() in this process; returns the trained or evaluated network."""
+    import utils
+    net, module = network(script, time_steps=2)
+    return utils.main(type(net), module.DEFAULTS, argv=[str(a) for a in argv])
+
+
+def exit_message(script, argv):
+    """(exit code, message) of a run that must stop with SystemExit (which Python prints without a
+    traceback); a message must be one line."""
+    with pytest.raises(SystemExit) as e:
+        run_main(script, argv)
+    code = e.value.code
+    if isinstance(code, str):
+        assert "\n" not in code, code
+        return 1, code
+    return code, ""
 
 
 def signed_spikes(shape, rate=0.3, seed=0, device="cpu"):

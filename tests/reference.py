@@ -4,7 +4,7 @@ Lee, Sarwar, Panda, Srinivasan & Roy, "Enabling Spike-based Backpropagation for 
 Neural Network Architectures", Frontiers in Neuroscience 14:119 (2020), doi 10.3389/fnins.2020.00119.
 
 This follows the authors' design: the network is run one time step at a time and autograd
-records one graph per step, built only from autograd pieces (SPEC §1–2):
+records one graph per step, built only from autograd pieces:
 
 * fire:  ex = threshold(U', V_th) (U' where U' > V_th, else 0), o = Spike(ex) = 1[ex > 0]; Spike's
   backward is straight-through at firing steps, so ∂o_t/∂U'_t = 1[o_t = 1];
@@ -24,7 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-V_TH = 1.0        # LIF threshold (SPEC §1)
+V_TH = 1.0        # LIF threshold
 V_TH_POOL = 0.75  # pooling-neuron threshold
 
 
@@ -44,7 +44,7 @@ class Spike(torch.autograd.Function):
 
 
 def leak_correction(lf, n, leak):
-    """G = 1[LF > 1e-3] + ln(λ)·LF/N' with N' = N + 1[N < 1e-3] (SPEC §2); 0 for silent neurons."""
+    """G = 1[LF > 1e-3] + ln(λ)·LF/N' with N' = N + 1[N < 1e-3]; 0 for silent neurons."""
     n_safe = n + (n < 1e-3).to(n.dtype)  # avoid 0/0 for silent neurons (their LF is 0 anyway)
     return (lf > 1e-3).to(lf.dtype) + math.log(leak) * lf / n_safe
 
@@ -143,7 +143,7 @@ def reference_output(current_seq, leak=0.99, v_th=V_TH):
 
 
 # ----------------------------------------------------------------------------------------------
-# Networks (SPEC §3). A plan is a list of ops; names are the weight names without '.weight'.
+# Networks (the paper's architectures). A plan is a list of ops; names are the weight names without '.weight'.
 
 def _conv(name, stride=1, pad=1):
     return ('conv', name, stride, pad)
@@ -185,7 +185,7 @@ def _neuron_names(plan):
 def reference_forward(arch, weights, spike_seq, leak=0.99, masks=None, record=None):
     """Per-step reference. spike_seq: (T, B, C, H, W) input spikes (any float values).
 
-    weights: SPEC §3 names -> tensors, used directly so gradients land on them. masks: LIF-layer
+    weights: the paper's weight names -> tensors, used directly so gradients land on them. masks: LIF-layer
     name -> (B, ...) dropout mask for one step, held for all T (missing = no dropout). Returns
     U_out(T) / V_th / T, shape (B, 10). If `record` is a dict it receives, detached, the binary
     spikes (T, B, ...) of every LIF layer (before its mask) and pooling neuron ('pool1', ...),

@@ -7,21 +7,7 @@ import pytest
 import torch
 
 import utils
-from conftest import NETWORKS, SCRIPTS, network
-
-
-def run_main(script, argv):
-    """The script's main() in this process; returns the trained or evaluated network."""
-    net, module = network(script, time_steps=2)
-    return utils.main(type(net), module.DEFAULTS, argv=[str(a) for a in argv])
-
-
-def exit_message(script, argv):
-    """(exit code, message) of a run that must stop with SystemExit (which Python prints without a traceback)."""
-    with pytest.raises(SystemExit) as e:
-        run_main(script, argv)
-    code = e.value.code
-    return (1, code) if isinstance(code, str) else (code, "")
+from conftest import NETWORKS, SCRIPTS, exit_message, network, run_main
 
 
 def authors_checkpoint(script, path, prefix="module."):
@@ -148,3 +134,48 @@ def test_checkpoint_without_weights(tmp_path, tiny):
     torch.save({"epoch": 3, "best_prec1": 50.0}, path)
     code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", *tiny])
     assert code == 1 and "no state_dict" in message
+
+
+def test_checkpoint_with_non_finite_weights(tmp_path, tiny):
+    """It would evaluate without a word, and --stats would claim an energy advantage: one line instead."""
+    path = tmp_path / "diverged.pth.tar"
+    state = network("mnist_LeNet.py")[0].state_dict()
+    state["fc0.weight"][3, 5], state["cnn2.weight"][0, 0, 0, 0] = float("nan"), float("inf")
+    torch.save({"epoch": 4, "best_prec1": 10.0, "state_dict": state}, path)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", "--stats", "--out-dir", tmp_path / "s",
+                                                    *tiny])
+    assert code == 1 and "NaN or inf (cnn2.weight, fc0.weight)" in message and "diverged" in message
+    assert not (tmp_path / "s" / "stats.json").exists()
+
+
+@pytest.mark.parametrize("buffer,phrase", [
+    (torch.zeros(3), "momentum_buffer of fc0.weight has shape (3,), not (200, 2450)"),
+    (torch.full((200, 2450), float("nan")), "momentum_buffer of fc0.weight holds NaN or inf")])
+def test_optimizer_state_that_does_not_fit(buffer, phrase, tmp_path, tiny):
+    """torch checks only the number of parameters; a wrong buffer would fail after the first batch."""
+    net, _ = network("mnist_LeNet.py", time_steps=2)
+    optimizer = torch.optim.SGD(net.parameters(), 0.01, momentum=0.9).state_dict()
+    optimizer["state"] = {2: {"momentum_buffer": buffer}}  # fc0.weight
+    path = tmp_path / "crafted.pth.tar"
+    torch.save({"epoch": 1, "best_prec1": 0.0, "state_dict": net.state_dict(), "optimizer": optimizer}, path)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--epochs", "2", "--out-dir", tmp_path / "run",
+                                                    *tiny])
+    assert code == 1 and f"its optimizer state does not fit ({phrase})" in message
+    assert not (tmp_path / "run" / "log_mnist1.csv").exists()
+
+
+def test_resume_applies_the_optimizer_flags_given_and_keeps_the_others(tmp_path, tiny, capsys):
+    """Run with --lr 0.01 --momentum 0.5, then resume with --lr 0.002 alone: the new LR (at its place in
+    the schedule), with a note; the checkpoint's momentum, although the default is 0."""
+    steps = [*tiny, "--lr-steps", "1", "--out-dir", tmp_path]
+    run_main("mnist_LeNet.py", [*steps, "--epochs", "1", "--lr", "0.01", "--momentum", "0.5"])
+    assert "=> note" not in capsys.readouterr().out
+    run_main("mnist_LeNet.py", [*steps, "--epochs", "2", "--lr", "0.002", "--resume", "auto"])
+    assert "=> note: the flags given replace the checkpoint's optimizer settings: --lr 0.01 → 0.002\n" in \
+        capsys.readouterr().out
+    rows = list(csv.DictReader(open(tmp_path / "log_mnist1.csv")))
+    assert [float(r["lr"]) for r in rows] == [0.01, pytest.approx(0.002 * 0.2)]  # after the step at epoch 1
+    ckpt = torch.load(tmp_path / "checkpointT1_mnist1.pth.tar", map_location="cpu", weights_only=True)
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert group["momentum"] == 0.5 and group["initial_lr"] == 0.002 and ckpt["scheduler"]["base_lrs"] == [0.002]
+    assert (ckpt["args"]["lr"], ckpt["args"]["momentum"]) == (0.002, 0.5)  # the args say what ran

@@ -1,4 +1,5 @@
-"""Training health: a silent or saturated layer is reported once, early, with what to do about it."""
+"""Training health: a silent or saturated layer is reported once, early, with what to do about it; a
+non-finite loss or weight stops the run at once, by its name, and is never saved."""
 import csv
 import types
 
@@ -6,13 +7,15 @@ import pytest
 import torch
 
 import utils
+from conftest import exit_message, run_main
 
 LENET = (("cnn1.weight", (20, 1, 5, 5)), ("cnn2.weight", (50, 20, 5, 5)), ("fc0.weight", (200, 2450)),
          ("fc1.weight", (10, 200)))
 
 
-def monitor(patience=3, stop=False):
-    return utils.HealthMonitor(types.SimpleNamespace(dead_patience=patience, stop_on_dead=stop, rank=0))
+def monitor(patience=3, stop=False, amp=False):
+    return utils.HealthMonitor(types.SimpleNamespace(dead_patience=patience, stop_on_dead=stop, rank=0, lr=0.5,
+                                                     amp=amp))
 
 
 def warnings(capsys):
@@ -59,8 +62,48 @@ def test_stop_on_dead_raises_one_line(capsys):
     assert "layer cnn1" in str(e.value) and "--stop-on-dead" in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_loss_is_named_as_such(loss):
+    m = monitor(amp=True)
+    m.check_loss(3.5, epoch=0, batch=1)
+    with pytest.raises(utils.NonFiniteError) as e:
+        m.check_loss(loss, epoch=1, batch=7)
+    message = str(e.value)
+    assert f"the training loss is {loss} in epoch 2, batch 7" in message and "silent" not in message
+    assert "learning rate too high" in message and "--lr 0.5" in message and "--amp" in message
+    assert "\n" not in message
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    args = types.SimpleNamespace(out_dir=str(tmp_path), tag="x", lr=0.1, amp=False)
+    state = {"epoch": 3, "state_dict": {"fc0.weight": torch.ones(2), "fc1.weight": torch.tensor([1.0, float("nan")])}}
+    with pytest.raises(utils.NonFiniteError, match=r"weights after epoch 3 hold NaN or inf \(fc1.weight\)"):
+        utils.save_checkpoint(state, True, args)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end
+
+def test_a_diverging_run_stops_at_its_first_non_finite_loss(tmp_path, tiny):
+    """--lr 1e30: the loss is inf at batch 2. The run stops there, before the step that would turn every
+    weight NaN (after which no layer fires and the monitor would see "silence"): exit 1, one line naming
+    the batch and the loss; the checkpoint keeps the last good epoch."""
+    run_main("mnist_LeNet.py", [*tiny, "--epochs", "1", "--out-dir", tmp_path])
+    checkpoint = tmp_path / "checkpointT1_mnist1.pth.tar"
+    good = checkpoint.read_bytes()
+    code, message = exit_message("mnist_LeNet.py", [*tiny, "--epochs", "3", "--out-dir", tmp_path, "--resume", "auto",
+                                                    "--limit-train", "96", "--lr", "1e30"])
+    assert code == 1 and message.startswith("error: the training loss is inf in epoch 2, batch 2: training diverged")
+    assert "--lr 1e+30: try it 10× lower" in message
+    assert message.endswith(f"Stopped; {checkpoint} holds epoch 1: continue with --resume {checkpoint}")
+    assert checkpoint.read_bytes() == good and len(list(csv.DictReader(open(tmp_path / "log_mnist1.csv")))) == 1
+
+    code, message = exit_message("mnist_LeNet.py", [*tiny, "--epochs", "1", "--out-dir", tmp_path / "new",
+                                                    "--lr", "1e30"])
+    assert message.endswith("Stopped; nothing was saved")
+    assert [p.name for p in (tmp_path / "new").iterdir()] == [".lock_mnist1"]
+
 
 @pytest.fixture
 def silent_lenet(tmp_path):

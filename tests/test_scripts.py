@@ -1,4 +1,5 @@
-"""The four paper scripts: their networks (SPEC §3), their command line, and end-to-end runs."""
+"""The four paper scripts: their networks (the paper's architectures), their command line, and end-to-end runs."""
+import argparse
 import csv
 import os
 import re
@@ -59,6 +60,14 @@ def test_help_lists_every_flag_with_its_default(script, capsys):
     assert f"(default: {','.join(map(str, module.DEFAULTS['lr_steps']))})" in out
 
 
+def test_svhn_states_its_own_defaults():
+    """ResNet11's settings on SVHN, written out: the script does not depend on cifar10_ResNet11.py."""
+    import cifar10_ResNet11
+    import svhn_ResNet
+    assert svhn_ResNet.DEFAULTS == dict(cifar10_ResNet11.DEFAULTS, dataset="svhn", tag="svhn_r7")
+    assert not re.search(r"^\s*(import|from)\s+cifar10_ResNet11", open(svhn_ResNet.__file__).read(), re.M)
+
+
 def test_parser_uses_the_scripts_defaults():
     import cifar10_VGG9
     args = utils.get_parser("", cifar10_VGG9.DEFAULTS).parse_args(["--lr-steps", "3,5", "-b", "4"])
@@ -69,7 +78,15 @@ def test_parser_uses_the_scripts_defaults():
 @pytest.mark.parametrize("flag,value,phrase", [
     ("--time-steps", "0", "--time-steps"), ("--time-steps", "-3", "--time-steps"), ("--leak", "1.5", "--leak"),
     ("--leak", "0", "--leak"), ("--batch-size", "0", "--batch-size"), ("--dropout", "1.0", "--dropout"),
-    ("--dropout", "-0.1", "--dropout"), ("--time-steps", "ten", "must be an integer ≥ 1")])
+    ("--dropout", "-0.1", "--dropout"), ("--time-steps", "ten", "must be an integer ≥ 1"),
+    # every float flag is finite and in range; the integers have ranges
+    ("--lr", "inf", "--lr: must be a finite number > 0"), ("--lr", "nan", "--lr"), ("--lr", "0", "--lr"),
+    ("--wd", "nan", "--weight-decay: must be a finite number ≥ 0"), ("--wd", "-1", "--wd"), ("--wd", "inf", "--wd"),
+    ("--momentum", "nan", "--momentum: must lie in [0, 1)"), ("--momentum", "-1", "--momentum"),
+    ("--momentum", "1", "--momentum"), ("--leak", "nan", "--leak"), ("--dropout", "nan", "--dropout"),
+    ("--workers", "-1", "--workers: must be an integer ≥ 0"), ("--seed", "99999999999999999999999", "--seed"),
+    ("--seed", "-1", "--seed"), ("--epochs", "0", "--epochs: must be an integer ≥ 1"), ("--epochs", "-1", "--epochs"),
+    ("--start-epoch", "-5", "--start-epoch: must be an integer ≥ 0")])
 def test_bad_settings_are_rejected_in_one_line(flag, value, phrase, capsys):
     import mnist_LeNet
     with pytest.raises(SystemExit) as e:
@@ -77,6 +94,46 @@ def test_bad_settings_are_rejected_in_one_line(flag, value, phrase, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and phrase in err, err
+
+
+def test_a_start_epoch_with_nothing_to_train_is_rejected(capsys):
+    import mnist_LeNet
+    with pytest.raises(SystemExit) as e:
+        utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=["--start-epoch", "3", "--epochs", "3", "--synthetic"])
+    assert e.value.code == 2
+    assert "--start-epoch 3 leaves nothing to train with --epochs 3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,phrase", [
+    (["--out-dir", "{file}"], "--out-dir {file} is not a directory"),
+    (["--out-dir", "{file}/sub"], "--out-dir {file}/sub cannot be created (Not a directory)"),
+    (["--out-dir", "/proc/snn-out"], "--out-dir /proc/snn-out cannot be created"),
+    (["--evaluate", "--stats", "--out-dir", "{file}"], "--out-dir {file} is not a directory"),
+    (["--evaluate", "--data-dir", "{file}"], "--data-dir {file} is not a directory")])
+def test_bad_directories_are_one_line_before_any_work(flags, phrase, tmp_path, capsys):
+    """Checked up front: the --stats evaluation must not run first and fail at its end."""
+    import mnist_LeNet
+    file = tmp_path / "a-file"
+    file.write_text("")
+    flags = [f.format(file=file) for f in flags]
+    synthetic = [] if "--data-dir" in flags else ["--synthetic"]
+    with pytest.raises(SystemExit) as e:
+        utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=[*flags, *synthetic, "--device", "cpu"])
+    assert e.value.code.startswith(f"error: {phrase.format(file=file)}") and "\n" not in e.value.code, e.value.code
+    assert capsys.readouterr().out == ""  # nothing ran, not even setup
+
+
+def test_an_unwritable_out_dir_is_refused(tmp_path, monkeypatch):
+    """A read-only directory (root writes everywhere, so the refusal is simulated where it would come from)."""
+    import mnist_LeNet
+
+    def read_only(dir=None, **kw):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(utils.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(SystemExit) as e:
+        utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=["--synthetic", "--out-dir", str(tmp_path)])
+    assert e.value.code == f"error: --out-dir {tmp_path} is not writable (Permission denied)"
 
 
 def test_bad_setting_from_the_shell_has_no_traceback(run_script, clean_error):
@@ -160,23 +217,42 @@ def test_amp_and_time_chunk(tiny, tmp_path):
     assert net.time_chunk == 1 and (tmp_path / "checkpointT1_mnist1.pth.tar").exists()
 
 
+# records whether anything loads glibc through ctypes (as utils' mallopt call does) while the rest runs
+SPY_ON_LIBC = """import ctypes
+class Spy(ctypes.CDLL):
+    loaded = []
+    def __init__(self, name, *a, **k):
+        Spy.loaded.append(name)
+        super().__init__(name, *a, **k)
+ctypes.CDLL = Spy
+"""
+
+
 def test_process_settings_are_set_before_torch_loads():
     """libgomp and torch read the engine's process settings once, when torch loads: utils sets them
     when it is imported first — as every script imports it first — keeps a user's own values, and
-    leaves a process that loaded torch before it alone."""
+    leaves a process that loaded torch before it alone. glibc's settings wait for setup()."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "THP_MEM_ALLOC_ENABLE")}
 
     def settings(first, **extra):
-        code = f"import {first}, os, utils; print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+        code = SPY_ON_LIBC + f"import {first}, os, utils; print(os.environ.get('OMP_WAIT_POLICY'), " \
+            "os.environ.get('THP_MEM_ALLOC_ENABLE'), 'libc.so.6' in Spy.loaded)"
         p = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env={**env, **extra})
         assert p.returncode == 0, p.stderr
         return p.stdout.split()
 
-    assert settings("sys") == ["PASSIVE", "1"]
-    assert settings("sys", OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "1"]
-    assert settings("torch") == ["None", "None"]
+    assert settings("sys") == ["PASSIVE", "1", "False"]
+    assert settings("sys", OMP_WAIT_POLICY="ACTIVE") == ["ACTIVE", "1", "False"]
+    assert settings("torch") == ["None", "None", "False"]
     for script in SCRIPTS:
         source = open(os.path.join(root, script)).read()
         first_import = re.search(r"^(?:import|from) (\w+)", source, re.M).group(1)
         assert first_import == "utils", f"{script} imports {first_import} before utils"
+
+
+def test_glibc_memory_settings_are_made_by_setup(monkeypatch):
+    calls = []
+    monkeypatch.setattr(utils, "_keep_freed_memory", lambda: calls.append("mallopt"))
+    utils.setup(argparse.Namespace(device="cpu", seed=1, cuda_seed=2, batch_size=4))
+    assert calls == ["mallopt"]

@@ -199,7 +199,20 @@ def setup(args):
     torch.cuda.manual_seed_all(args.cuda_seed + args.rank)
     log(args, f"=> world size: {args.world_size}, device: {device.type}, "
         f"{args.world_size * args.batch_size} training images per step")
+    if args.amp and device.type == "cpu" and _cpu_has_bf16() is False:
+        log(args, "WARNING: --amp on a CPU without bfloat16 instructions (no avx512_bf16 or amx_bf16): its "
+            "bf16 convolutions run several times slower than float32; drop --amp here", file=sys.stderr)
     return device
+
+
+def _cpu_has_bf16():
+    """Whether this CPU computes in bfloat16 natively (Linux: its flags); None where unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def log(args, message, file=None):

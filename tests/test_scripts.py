@@ -210,11 +210,22 @@ def test_train_resume_evaluate(script, run_script, tiny, tmp_path):
     assert "=> epoch" not in p.stdout
 
 
-def test_amp_and_time_chunk(tiny, tmp_path):
+def test_amp_and_time_chunk(tiny, tmp_path, monkeypatch, capsys):
     import mnist_LeNet
+    monkeypatch.setattr(utils, "_cpu_has_bf16", lambda: True)
     net = utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS,
                      argv=[*tiny, "--amp", "--time-chunk", "1", "--epochs", "1", "--out-dir", str(tmp_path)])
     assert net.time_chunk == 1 and (tmp_path / "checkpointT1_mnist1.pth.tar").exists()
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def test_amp_on_a_cpu_without_bf16_is_flagged(tiny, tmp_path, monkeypatch, capsys):
+    """bf16 convolutions on a CPU without bf16 instructions run several times slower than float32."""
+    import mnist_LeNet
+    monkeypatch.setattr(utils, "_cpu_has_bf16", lambda: False)
+    utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=[*tiny, "--amp", "-e"])
+    (line,) = [s for s in capsys.readouterr().err.splitlines() if s.startswith("WARNING")]
+    assert "--amp" in line and "bfloat16" in line and "slower" in line
 
 
 # records whether anything loads glibc through ctypes (as utils' mallopt call does) while the rest runs

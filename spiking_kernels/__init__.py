@@ -18,7 +18,9 @@ one of three backends that implement the same few functions on flat tensors in m
 SPIKING_BACKEND, read once at import, selects them: `auto` (default: Triton for CUDA tensors, numba
 for CPU tensors, tensor operations elsewhere or where those are not installed), `torch`, `numba` or
 `triton`. All give the same spikes, and gradients equal up to float rounding (tests/test_engine.py
-checks each against the per-step reference). Tests switch backends with `use(name)`.
+checks each against the per-step reference). Tests switch backends with `use(name)`. Before a run,
+`check_device` says which backend serves its device, and `self_check` (selfcheck.py) runs every
+kernel variant once there, so that a compiler or driver problem is one line rather than a traceback.
 """
 import functools
 import importlib
@@ -45,10 +47,11 @@ def _load(name):
 
 
 def _installed(name):
+    """(module, None), or (None, why it cannot be loaded)."""
     try:
-        return _load(name)
-    except BackendError:
-        return None
+        return _load(name), None
+    except BackendError as e:
+        return None, str(e)
 
 
 def use(name):
@@ -82,20 +85,47 @@ def for_tensor(t):
 
 
 def check_device(device):
-    """A one-line BackendError now, rather than in the first forward pass, if the backend cannot run there."""
-    import torch
-    for_tensor(torch.empty(0, device=device))
+    """(the backend module that will run on `device`, a note or None): a one-line BackendError now,
+    rather than in the first forward pass, if the selected backend cannot run there; the note says
+    that `auto` falls back to tensor operations because the compiled backend is not installed."""
+    if _fixed is not None:
+        import torch
+        return for_tensor(torch.empty(0, device=device)), None
+    kernels, why = _auto_with_reason(device.type)
+    if why is None:
+        return kernels, None
+    return kernels, (f"SPIKING_BACKEND=auto falls back to tensor operations on {device.type} ({why}): the "
+                     f"same numerics, but one launch per time step and layer, several times slower")
+
+
+def self_check(device, dtypes):
+    """Run the backend that serves `device` against the tensor operations on tiny tensors, once per
+    kernel variant, with currents of each of `dtypes`; a one-line BackendError if anything fails."""
+    from .selfcheck import self_check as run
+    kernels = check_device(device)[0]
+    failure = run(kernels, device, dtypes)
+    if failure:
+        import torch
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else "the CPU"
+        raise BackendError(f"the {kernels.name} kernels fail on {where}: {failure}. Run with "
+                           f"SPIKING_BACKEND=torch (tensor operations: the same numerics, slower)")
 
 
 _AUTO = {"cpu": "numba", "cuda": "triton"}  # where installed; tensor operations elsewhere
 
 
-@functools.lru_cache(maxsize=None)
 def _auto(device_type):
+    return _auto_with_reason(device_type)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_with_reason(device_type):
+    """(module, None), or (tensor_ops, why the compiled backend for this device is not used)."""
     name = _AUTO.get(device_type)
-    if name == "triton" and _interpreting():  # the interpreter runs kernels on CPU tensors only
-        name = None
-    return (_installed(name) if name else None) or _load("torch")
+    if name is None or (name == "triton" and _interpreting()):  # the interpreter runs on CPU tensors only
+        return _load("torch"), None
+    module, why = _installed(name)
+    return (module, None) if module else (_load("torch"), why)
 
 
 _choice, _fixed = "auto", None

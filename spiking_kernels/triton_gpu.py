@@ -45,10 +45,17 @@ def _constants(values, dtype, device):
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+# Triton compiles a kernel once per specialisation of its integer arguments (== 1, divisible by 16).
+# The chunk length K and its first step t0 only bound loops and pick bits: one binary serves them all,
+# where specialising would compile a new one for every chunk length and offset a run or test meets.
+# N stays specialised: its divisibility lets the compiler vectorise the loads of each step's row.
+_ONE_BINARY_FOR_ANY_CHUNK = dict(do_not_specialize=["K", "t0"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Neurons
 
-@triton.jit
+@triton.jit(**_ONE_BINARY_FOR_ANY_CHUNK)
 def _fire_kernel(current, u, lf, n, record, mask, out, constants, N, K, t0,
                  LEAKY_SUM: tl.constexpr, RECORD: tl.constexpr, MASK: tl.constexpr, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit offsets: T·N may pass 2³¹
@@ -86,7 +93,7 @@ def _fire_kernel(current, u, lf, n, record, mask, out, constants, N, K, t0,
         tl.store(lf + i, leaky, mask=ok)
 
 
-@triton.jit
+@triton.jit(**_ONE_BINARY_FOR_ANY_CHUNK)
 def _backprop_kernel(grad_spikes, record, slope, carry, grad_current, N, K, t0, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit offsets: T·N may pass 2³¹
     ok, n64 = i < N, tl.cast(N, tl.int64)
@@ -102,7 +109,7 @@ def _backprop_kernel(grad_spikes, record, slope, carry, grad_current, N, K, t0, 
     tl.store(carry + i, c, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K"])
 def _leaky_sum_kernel(current, u, constants, N, K, BLOCK: tl.constexpr):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit offsets: T·N may pass 2³¹
     ok, n64 = i < N, tl.cast(N, tl.int64)

@@ -8,6 +8,8 @@ import sys
 # Triton's kernels run on CPU tensors in its interpreter unless told otherwise (a GPU machine sets
 # TRITON_INTERPRET=0 to test them compiled); it is read when triton is imported, hence before torch
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# deterministic cuBLAS (the CUDA exactness tests ask for it) needs this before its first call
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -26,7 +26,19 @@ TOL = dict(rtol=1e-10, atol=1e-12)
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    return request.param
+    """cpu, and cuda where there is a GPU: there in IEEE float32 with deterministic cuDNN and cuBLAS
+    algorithms, so that an exact comparison does not depend on the algorithm a call happens to pick."""
+    if request.param != "cuda":
+        yield request.param
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield request.param
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = saved
 
 
 @pytest.fixture(params=BACKENDS)
@@ -278,10 +290,30 @@ class SumOfSpikes(sl.SpikingNetwork):
         return self.fc(x + x.roll(1, -1))
 
 
+GRADED_ON_CUDA = """
+import sys, torch
+sys.path[:0] = ["tests"]
+import spiking_kernels
+from test_engine import SumOfSpikes
+spiking_kernels.use("{backend}")
+net = SumOfSpikes().double().cuda()
+x = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64, device="cuda").expand(3, 2, 4).contiguous()
+net(x).sum().backward()
+torch.cuda.synchronize()
+print("not stopped")
+"""
+
+
 def test_graded_input_inside_a_network_is_kept_or_refused(backend, device):
     """Inside SpikingNetwork.forward weight layers take their input for spikes without a host-side
     check. numba checks anyway (it costs nothing there) and keeps graded values exactly; the other
     backends stop the run with a device-side assertion rather than pack them wrongly."""
+    if device == "cuda":  # a device-side assertion ends the CUDA context of its process: run it in another
+        p = subprocess.run([sys.executable, "-c", GRADED_ON_CUDA.format(backend=backend)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode != 0 and "not stopped" not in p.stdout, p.stdout + p.stderr
+        assert "device-side assert" in p.stderr or "not spikes" in p.stderr, p.stderr[-2000:]
+        return
     net = SumOfSpikes().double().to(device)
     x = torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64, device=device).expand(3, 2, 4).contiguous()
     if not backend.startswith("numba"):

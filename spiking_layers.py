@@ -513,12 +513,17 @@ class SpikingNetwork(nn.Module):
         """(name, module) of every spiking and pooling neuron layer, in network order."""
         return [(n, m) for n, m in self.named_modules() if isinstance(m, SpikingNeurons)]
 
-    def firing_rates(self):
-        """Mean spikes per neuron per time step of each neuron layer in the last forward pass
-        (one device-to-host copy for all layers: the health monitor reads it every batch)."""
+    def spike_rates(self):
+        """(names, rates): the mean spikes per neuron per time step of each neuron layer in the last
+        forward pass, as one float64 tensor on the device, not read by the host (training reads it
+        together with the loss, once per step)."""
         layers = [(n, m) for n, m in self.neuron_layers() if m.spike_count is not None]
-        if not layers:
-            return {}
-        rates = torch.stack([m.spike_count.sum().double() / (m.spike_count.numel() * m.window.steps)
-                             for _, m in layers]).tolist()
-        return dict(zip((n for n, _ in layers), rates))
+        rates = [m.spike_count.sum().double() / (m.spike_count.numel() * m.window.steps) for _, m in layers]
+        device = next(self.parameters()).device
+        return [n for n, _ in layers], torch.stack(rates) if rates else torch.zeros(0, dtype=torch.float64,
+                                                                                     device=device)
+
+    def firing_rates(self):
+        """spike_rates() as a dict of floats: layer name -> rate (one device-to-host copy)."""
+        names, rates = self.spike_rates()
+        return dict(zip(names, rates.tolist()))

@@ -153,6 +153,11 @@ def get_parser(description, defaults, datasets=None):
     a("--time-chunk", type=COUNT, metavar="K", help="time steps per convolution call; default: all T on a "
       "GPU, ~256 images per call on a CPU (80 for VGG9). Results do not depend on it")
     a("--amp", action="store_true", help="bfloat16 autocast around forward and loss")
+    a("--tf32", action="store_true", help="TensorFloat-32 for float32 convolutions and matmuls on GPUs that have "
+      "it (Ampere and newer): faster, but it changes the numerics and the spike trains; the default is IEEE "
+      "float32, as the paper computed")
+    a("--deterministic", action="store_true", help="deterministic cuDNN and cuBLAS algorithms, for bit-identical "
+      "reruns and resumes on one GPU (slower); without it cuDNN picks the fastest algorithm per shape")
     a("--out-dir", default=".", metavar="DIR", help="checkpoints and the CSV log go here")
     a("--no-progress", action="store_true", help="no tqdm bar (also off when stdout is not a terminal)")
     a("--dead-patience", type=COUNT, default=10, metavar="N", help="warn once a layer has been silent or "
@@ -179,30 +184,75 @@ def processes(args):
 
 
 def setup(args):
-    """Join torchrun's process group if there is one, pick the device, seed; glibc's memory settings."""
+    """Join torchrun's process group if there is one, pick the device and check that the engine runs
+    there, set the numerics (precision, determinism), seed; glibc's memory settings."""
     processes(args)
     _keep_freed_memory()
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda, but no CUDA device is available")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        check_gpu_supported(device)
     try:
-        spiking_kernels.check_device(device)
+        _, note = spiking_kernels.check_device(device)
     except spiking_kernels.BackendError as e:
         raise SystemExit(f"error: {e}")
+    set_numerics(args)
     if cuda:
         torch.cuda.set_device(device)
     if args.distributed:
         dist.init_process_group("nccl" if cuda else "gloo")
-    # + rank: each process draws its own Poisson spikes and dropout masks; DDP copies rank 0's weights
-    torch.manual_seed(args.seed + args.rank)
-    torch.cuda.manual_seed_all(args.cuda_seed + args.rank)
     log(args, f"=> world size: {args.world_size}, device: {device.type}, "
         f"{args.world_size * args.batch_size} training images per step")
+    if note:
+        log(args, f"WARNING: {note}; install the compiled backend for speed", file=sys.stderr)
     if args.amp and device.type == "cpu" and _cpu_has_bf16() is False:
         log(args, "WARNING: --amp on a CPU without bfloat16 instructions (no avx512_bf16 or amx_bf16): its "
             "bf16 convolutions run several times slower than float32; drop --amp here", file=sys.stderr)
+    try:  # every kernel variant once, before the first batch: a compiler or driver problem is one line
+        spiking_kernels.self_check(device, (torch.float32, torch.bfloat16) if args.amp else (torch.float32,))
+    except spiking_kernels.BackendError as e:
+        raise SystemExit(f"error: {e}")
+    # + rank: each process draws its own Poisson spikes and dropout masks; DDP copies rank 0's weights
+    torch.manual_seed(args.seed + args.rank)
+    torch.cuda.manual_seed_all(args.cuda_seed + args.rank)
     return device
+
+
+def set_numerics(args):
+    """Process-wide torch settings, whatever the device (a CPU has neither TF32 nor cuDNN; a GPU later
+    in the process would have them). IEEE float32 for convolutions and matmuls, as the paper computed:
+    torch runs float32 convolutions in TF32 on Ampere and newer GPUs by default, and that flips spikes
+    within a few time steps (docs/model.md). --tf32 opts in. --deterministic: deterministic cuDNN and
+    cuBLAS algorithms; otherwise cuDNN benchmarks its algorithms once per shape (a run's shapes are fixed)."""
+    torch.backends.cudnn.allow_tf32 = args.tf32
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: before the first matmul
+    torch.use_deterministic_algorithms(args.deterministic)
+    torch.backends.cudnn.deterministic = args.deterministic
+    torch.backends.cudnn.benchmark = not args.deterministic
+
+
+def check_gpu_supported(device):
+    """One line naming the fix if the installed torch build has no kernels for this GPU's architecture
+    (its first CUDA kernel would fail with "no kernel image is available")."""
+    major, minor = torch.cuda.get_device_capability(device)
+    built = torch.cuda.get_arch_list()  # e.g. sm_75 … sm_120: cubins; compute_XY: PTX, compiled by the driver
+    cubins = [a for a in built if a.startswith("sm_")]
+    ptx = [a for a in built if a.startswith("compute_")]
+    # a cubin runs on GPUs of its major version and the same or a higher minor; PTX on any newer GPU
+    if any(_arch(a) // 10 == major and _arch(a) % 10 <= minor for a in cubins) or \
+            any(_arch(a) <= 10 * major + minor for a in ptx) or not built:
+        return
+    raise SystemExit(f"error: {torch.cuda.get_device_name(device)} (sm_{major}{minor}) is not supported by this "
+                     f"torch build ({torch.__version__}: kernels for {', '.join(built)}); install a torch build "
+                     f"with kernels for sm_{major}{minor} (README, Quick start), or run on --device cpu")
+
+
+def _arch(name):
+    return int("".join(c for c in name.split("_", 1)[1] if c.isdigit()))
 
 
 def _cpu_has_bf16():
@@ -248,12 +298,27 @@ def get_dataset(args, train):
         shape = (3, 32, 32) if args.dataset in NORMALISE else (1, 28, 28)
         data = datasets.FakeData(limit or (1024 if train else 256), shape, 10, transform,
                                  random_offset=0 if train else 10 ** 6)  # test images differ from training
-    else:
-        data = _torchvision_dataset(args, train, transform)
+    else:  # under torchrun, one process per node downloads; the others wait for it, then read
+        first = not args.distributed or int(os.environ.get("LOCAL_RANK", 0)) == 0
+        with _after_the_node_first(args, first):
+            data = _torchvision_dataset(args, train, transform, download=first)
     return Subset(data, range(min(limit, len(data)))) if limit else data
 
 
-def _torchvision_dataset(args, train, transform):
+@contextlib.contextmanager
+def _after_the_node_first(args, first):
+    """Under torchrun, the block runs in the node's first process (LOCAL_RANK 0) before the others:
+    they wait at a barrier that it reaches when done (or failed), so no two write the same files."""
+    if args.distributed and not first:
+        dist.barrier()
+    try:
+        yield
+    finally:
+        if args.distributed and first:
+            dist.barrier()
+
+
+def _torchvision_dataset(args, train, transform, download=True):
     name, root = args.dataset, args.data_dir
     if name == "fashion-mnist":
         _unpack_debian_fashion_mnist(args)
@@ -261,9 +326,11 @@ def _torchvision_dataset(args, train, transform):
     split = dict(split="train" if train else "test") if name == "svhn" else dict(train=train)
     try:
         return cls(root, transform=transform, download=False, **split)
-    except RuntimeError:  # not there: download it
-        pass
+    except RuntimeError as e:  # not there: download it (unless another process of this node just tried)
+        missing = e
     try:
+        if not download:
+            raise missing
         return cls(root, transform=transform, download=True, **split)
     except Exception as e:
         how = (f"install it with apt-get install -y dataset-fashion-mnist (Debian package dataset-fashion-mnist, "
@@ -312,15 +379,23 @@ def top5_hits(output, target):
     return output.topk(min(5, output.shape[-1]), dim=-1).indices == target[:, None]
 
 
-def batch_metrics(output, target):
-    """Sums over the batch; Meter turns them into means per example."""
+METRICS = ("loss", "ce", "prec1", "prec5")
+
+
+def batch_metrics(output, target, loss=None):
+    """The sums over the batch of METRICS, as one float64 tensor on the device (Meter turns them into
+    means per example); `loss`: the batch's sse_loss, if already computed."""
     hits = top5_hits(output, target)
-    return dict(loss=sse_loss(output, target).item(), ce=F.cross_entropy(output, target, reduction="sum").item(),
-                prec1=100.0 * hits[:, 0].sum().item(), prec5=100.0 * hits.any(1).sum().item())
+    loss = sse_loss(output, target) if loss is None else loss
+    # cross-entropy (logged only) written out: CUDA's nll_loss has no deterministic kernel (--deterministic)
+    ce = -F.log_softmax(output, 1).gather(1, target[:, None]).sum()
+    return torch.stack([loss, ce, 100.0 * hits[:, 0].sum(),
+                        100.0 * hits.any(1).sum()]).double()
 
 
 def train_one_epoch(model, net, loader, optimizer, monitor, epoch, args, device):
-    """One pass over the training set. `net` is the network itself, `model` its DDP wrapper (or `net`)."""
+    """One pass over the training set. `net` is the network itself, `model` its DDP wrapper (or `net`).
+    The host reads from the device once per step: the loss, firing rates and metrics in one tensor."""
     model.train()
     meter = Meter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show_progress(args))
@@ -332,19 +407,20 @@ def train_one_epoch(model, net, loader, optimizer, monitor, epoch, args, device)
         loss = sse_loss(output, target)
         # health, before the step: all ranks judge the same numbers (the loss summed, the rates averaged),
         # or a non-finite loss or --stop-on-dead would stop only some of them
-        rates = {**net.firing_rates(), "output": (output != 0).float().mean().item()}
-        total = loss.item()
+        names, rates = net.spike_rates()
+        health = torch.cat([loss.detach().double().view(1), rates, (output.detach() != 0).double().mean().view(1)])
         if args.distributed:
-            total, *summed = all_reduce([total, *rates.values()], device).tolist()
-            rates = dict(zip(rates, (r / args.world_size for r in summed)))
+            dist.all_reduce(health)
+            health[1:] /= args.world_size
+        total, *values = torch.cat([health, batch_metrics(output.detach(), target, loss.detach())]).tolist()
+        rates, sums = dict(zip([*names, "output"], values)), dict(zip(METRICS, values[len(names) + 1:]))
         monitor.check_loss(total, epoch, i + 1)  # a step on a non-finite loss would make every weight NaN
         # backward with the leak-aware derivative, SGD step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         monitor.check(rates, epoch, i + 1)
-        meter.update(len(target), **batch_metrics(output.detach(), target),
-                     **{f"rate_{k}": v * len(target) for k, v in rates.items() if k != "output"})
+        meter.update(len(target), **sums, **{f"rate_{k}": v * len(target) for k, v in rates.items() if k != "output"})
         m = meter.local_mean()
         bar.set_postfix(loss=f"{m['loss']:.4f}", prec1=f"{m['prec1']:.2f}", refresh=False)
         if bar.disable and (i + 1) % args.print_freq == 0:
@@ -354,24 +430,24 @@ def train_one_epoch(model, net, loader, optimizer, monitor, epoch, args, device)
 
 @torch.no_grad()
 def validate(net, loader, args, device, time_sweep=()):
-    """Test metrics over all processes, each of which evaluates its own share of the test set.
+    """Test metrics over all processes, each of which evaluates its own share of the test set; one
+    host read per batch.
 
     time_sweep: sorted step counts; adds `prec1_at_<t>`, the Prec@1 of the readout after t steps of the
     same spike trains (the latency/accuracy trade-off)."""
     if time_sweep and not 1 <= time_sweep[0] <= time_sweep[-1] <= net.time_steps:
         raise ValueError(f"time-sweep steps must lie in 1..{net.time_steps} (the time steps), got {time_sweep}")
     net.eval()
-    meter = Meter(*(f"prec1_at_{t}" for t in time_sweep))
+    sweep = [f"prec1_at_{t}" for t in time_sweep]
+    meter = Meter(*sweep)
     for images, target in tqdm(loader, desc="test", leave=False, disable=not show_progress(args)):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             output = net(images, readout_steps=tuple(time_sweep)).float()
-        sweep = {}
+        sums = [batch_metrics(output[-1] if time_sweep else output, target)]
         if time_sweep:  # (len(time_sweep) + 1, B, classes), the full window last
-            readouts, output = output[:-1], output[-1]
-            sweep = {f"prec1_at_{t}": 100.0 * hits[:, 0].sum().item()
-                     for t, hits in zip(time_sweep, top5_hits(readouts, target))}
-        meter.update(len(target), **batch_metrics(output, target), **sweep)
+            sums.append(100.0 * top5_hits(output[:-1], target)[..., 0].sum(-1).double())
+        meter.update(len(target), **dict(zip([*METRICS, *sweep], torch.cat(sums).tolist())))
     return meter.mean(args, device)
 
 
@@ -561,7 +637,7 @@ class Meter:
     """Sums of per-batch metrics and the number of examples; the means are per example."""
 
     def __init__(self, *keys):  # the fixed keys exist even on a rank that saw no batch, for all_reduce
-        self.count, self.sums = 0, dict.fromkeys(("loss", "ce", "prec1", "prec5", *keys), 0.0)
+        self.count, self.sums = 0, dict.fromkeys((*METRICS, *keys), 0.0)
 
     def update(self, n, **sums):
         self.count += n

@@ -53,3 +53,44 @@ def test_two_processes_train_alike_and_save_one_resumable_checkpoint(tmp_path, t
     assert p.returncode == 0 and "=> world size: 1" in p.stdout, p.out
     ckpt = torch.load(out / "checkpointT1_mnist1.pth.tar", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2 and not torch.equal(ckpt["state_dict"]["fc1.weight"], trained)
+
+
+# a dataset whose download takes a second and leaves a note of the rank that made it
+DOWNLOAD_WORKER = """
+import argparse, os, sys, time
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import utils
+
+class Counted:
+    def __init__(self, root, transform=None, download=False, train=True):
+        if not os.path.exists(os.path.join(root, "data")):
+            if not download:
+                raise RuntimeError("Dataset not found. You can use download=True to download it")
+            with open(os.path.join(root, "downloads"), "a") as f:
+                f.write(os.environ["RANK"] + "\\n")
+            time.sleep(1.0)
+            open(os.path.join(root, "data"), "w").close()
+
+    def __len__(self):
+        return 4
+
+utils.TORCHVISION["counted"] = Counted
+args = argparse.Namespace(dataset="counted", data_dir={data!r}, synthetic=False, limit_train=None, limit_val=None)
+utils.processes(args)
+dist.init_process_group("gloo")
+assert len(utils.get_dataset(args, train=True)) == 4
+dist.destroy_process_group()
+"""
+
+
+def test_under_torchrun_one_process_per_node_downloads(tmp_path):
+    """The other processes wait for it at a barrier, then read what it downloaded: two processes
+    writing the same files at once would corrupt them."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(DOWNLOAD_WORKER.format(root=ROOT, data=str(tmp_path)))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                        "127.0.0.1", "--master_port", str(free_port()), str(worker)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert (tmp_path / "downloads").read_text().split() == ["0"]

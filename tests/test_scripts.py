@@ -265,5 +265,6 @@ def test_process_settings_are_set_before_torch_loads():
 def test_glibc_memory_settings_are_made_by_setup(monkeypatch):
     calls = []
     monkeypatch.setattr(utils, "_keep_freed_memory", lambda: calls.append("mallopt"))
-    utils.setup(argparse.Namespace(device="cpu", seed=1, cuda_seed=2, batch_size=4, amp=False))
+    utils.setup(argparse.Namespace(device="cpu", seed=1, cuda_seed=2, batch_size=4, amp=False, tf32=False,
+                                   deterministic=False))
     assert calls == ["mallopt"]

@@ -1,0 +1,238 @@
+"""A run's first minutes on a GPU, checked on a CPU: the numerics it sets (IEEE float32, --tf32,
+--deterministic), the one-line errors for a GPU the torch build cannot drive and for kernels that
+fail at their first launch, the note when `auto` has no compiled backend, and the host reads of a
+training step on the Triton backend (in Triton's interpreter)."""
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import spiking_kernels
+import utils
+from conftest import ROOT, exit_message, run_main
+from spiking_kernels import triton_gpu
+
+
+def setup_args(**flags):
+    return argparse.Namespace(**{**dict(device="cpu", seed=1, cuda_seed=2, batch_size=4, amp=False, tf32=False,
+                                        deterministic=False), **flags})
+
+
+@pytest.fixture
+def torch_flags(monkeypatch):
+    """The process-wide torch settings setup() makes, restored after the test."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+    torch.use_deterministic_algorithms(saved[2])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[3:]
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_a_run_computes_in_ieee_float32_unless_tf32_is_asked_for(amp, torch_flags):
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True  # as a library might leave them
+    utils.setup(setup_args(amp=amp))
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.get_float32_matmul_precision() == "highest"
+    utils.setup(setup_args(amp=amp, tf32=True))
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+
+
+def test_tf32_and_deterministic_from_the_command_line(tiny, torch_flags):
+    run_main("mnist_LeNet.py", [*tiny, "--evaluate", "--tf32", "--deterministic"])
+    assert torch.backends.cudnn.allow_tf32 and torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_sets_what_it_promises(torch_flags):
+    utils.setup(setup_args(deterministic=True))
+    assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    utils.setup(setup_args())
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    assert torch.backends.cudnn.benchmark  # the fastest algorithm for the run's fixed shapes
+
+
+# ----------------------------------------------------------------------------------------------
+# GPUs the torch build has no kernels for
+
+ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # what a CUDA 13 build of torch carries
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """fake_gpu(name, capability, archs): torch.cuda reports such a GPU and such a build."""
+    def make(name, capability, archs=ARCHS):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: list(archs))
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    return make
+
+
+@pytest.mark.parametrize("capability, archs", [((8, 0), ARCHS), ((8, 9), ARCHS), ((9, 0), ARCHS), ((12, 0), ARCHS),
+                                               ((12, 1), ["sm_80", "compute_120"])])
+def test_a_gpu_the_build_has_kernels_for_passes(capability, archs, fake_gpu):
+    fake_gpu("some GPU", capability, archs)
+    utils.check_gpu_supported(torch.device("cuda", 0))
+
+
+def test_a_gpu_the_build_has_no_kernels_for_is_one_line_naming_the_fix(fake_gpu, monkeypatch, tiny):
+    fake_gpu("Tesla V100-SXM2-32GB", (7, 0))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    code, message = exit_message("mnist_LeNet.py", [*tiny, "--evaluate", "--device", "cuda"])
+    assert code == 1 and "Tesla V100-SXM2-32GB (sm_70) is not supported by this torch build" in message
+    assert "sm_75" in message and "install a torch build with kernels for sm_70" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend's start-up check
+
+@pytest.fixture
+def interpreted_triton():
+    if not spiking_kernels._interpreting():
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1), which runs its kernels on CPU tensors")
+    previous = spiking_kernels.use("triton")
+    yield
+    spiking_kernels.use(previous)
+
+
+def test_the_start_up_check_passes_on_every_backend_here():
+    for name in ("numba", "torch") + (("triton",) if spiking_kernels._interpreting() else ()):
+        previous = spiking_kernels.use(name)
+        try:
+            spiking_kernels.self_check(torch.device("cpu"), (torch.float32, torch.bfloat16))
+        finally:
+            spiking_kernels.use(previous)
+
+
+class _FailingLaunch:
+    """A kernel whose launch fails as a compiler would, with a long message."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("PTX .version 8.7 does not support .target sm_120\nptxas fatal : Ptx assembly "
+                               "aborted due to errors\n" + "a long compiler log\n" * 30)
+        return launch
+
+
+def test_a_kernel_that_fails_at_its_first_launch_is_one_line(interpreted_triton, monkeypatch, tiny):
+    monkeypatch.setattr(triton_gpu, "_backprop_kernel", _FailingLaunch())
+    code, message = exit_message("mnist_LeNet.py", [*tiny, "--evaluate"])
+    assert code == 1 and message.startswith("error: the triton kernels fail on the CPU: RuntimeError: PTX .version")
+    assert "SPIKING_BACKEND=torch" in message and "long compiler log" not in message
+
+
+def test_a_kernel_that_computes_wrongly_is_one_line(interpreted_triton, monkeypatch, tiny):
+    monkeypatch.setattr(triton_gpu, "leaky_sum", lambda current, u, leak: u + 1)
+    code, message = exit_message("mnist_LeNet.py", [*tiny, "--evaluate"])
+    assert code == 1 and "leaky_sum disagrees with the tensor operations" in message
+    assert "SPIKING_BACKEND=torch" in message
+
+
+@pytest.fixture
+def not_installed(monkeypatch):
+    """not_installed(name): `auto` finds that compiled backend missing (as if it were not installed)."""
+    real = spiking_kernels._installed
+
+    def make(missing):
+        monkeypatch.setattr(spiking_kernels, "_installed", lambda name: (None, f"No module named {missing!r}")
+                            if name == missing else real(name))
+        monkeypatch.setattr(spiking_kernels, "_interpreting", lambda: False)
+        spiking_kernels._auto_with_reason.cache_clear()
+    previous = spiking_kernels.use("auto")
+    yield make
+    monkeypatch.undo()
+    spiking_kernels._auto_with_reason.cache_clear()
+    spiking_kernels.use(previous)
+
+
+def test_auto_on_cuda_without_triton_says_it_falls_back_to_tensor_ops(not_installed):
+    not_installed("triton")
+    kernels, note = spiking_kernels.check_device(torch.device("cuda", 0))  # no GPU needed: nothing runs
+    assert kernels.name == "torch"
+    assert "SPIKING_BACKEND=auto falls back to tensor operations on cuda (No module named 'triton')" in note
+
+
+def test_the_fallback_note_is_printed_by_a_run(not_installed, tiny, capsys):
+    not_installed("numba")
+    run_main("mnist_LeNet.py", [*tiny, "--evaluate"])
+    warnings = [s for s in capsys.readouterr().err.splitlines() if s.startswith("WARNING: SPIKING_BACKEND=auto")]
+    assert len(warnings) == 1 and "falls back to tensor operations on cpu" in warnings[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Host reads: each stalls a GPU's queue until the device has caught up
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+@contextlib.contextmanager
+def count_host_reads(counts):
+    """Counts the reads of tensor values made from the repository's own code (not torch's, Triton's
+    interpreter's or the tests'), by the function that made them."""
+    def counted(original, name):
+        def read(*args, **kwargs):
+            caller = sys._getframe(1).f_code
+            if caller.co_filename.startswith(ROOT) and os.sep + "tests" + os.sep not in caller.co_filename:
+                counts.append(f"{name} in {caller.co_name}")
+            return original(*args, **kwargs)
+        return read
+    with pytest.MonkeyPatch.context() as patch:
+        for name in READS:
+            patch.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name), name))
+        patch.setattr(torch, "equal", counted(torch.equal, "torch.equal"))
+        yield counts
+
+
+def test_a_training_step_reads_from_the_device_once(interpreted_triton, monkeypatch, tiny, tmp_path):
+    """The loss, the firing rates and the batch metrics travel in one tensor, read once before
+    backward (so that a non-finite loss still stops before the step); validation reads once a batch."""
+    reads = {"train_one_epoch": [], "validate": []}
+    for name, found in reads.items():
+        def spied(*args, _run=getattr(utils, name), _found=found, **kwargs):
+            with count_host_reads(_found):
+                return _run(*args, **kwargs)
+        monkeypatch.setattr(utils, name, spied)
+    run_main("mnist_LeNet.py", [*tiny, "--limit-train", "48", "--epochs", "1", "--out-dir", tmp_path])
+    assert reads["train_one_epoch"] == ["tolist in train_one_epoch"] * 3  # 3 steps of 16 images
+    assert reads["validate"] == ["tolist in validate"]  # 1 batch of 16 test images
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/gpu_check.sh: the first GPU it is given must not be wasted
+
+GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
+
+
+def test_the_gpu_check_fits_five_minutes():
+    """Its steps' timeouts, each plus the kill margin, add up to at most 300 s: twice in a 15-minute
+    GPU lease with the machine's start."""
+    script = open(GPU_CHECK).read()
+    limits = [int(n) for n in re.findall(r'^step (?:\w+|"[^"]+") (\d+) ', script, re.M)]
+    kill = int(re.search(r"^KILL_AFTER=(\d+)", script, re.M).group(1))
+    assert len(limits) == 4 and sum(limits) + kill * len(limits) <= 300, (limits, kill)
+
+
+def test_the_gpu_check_runs_here_as_a_dry_run(tmp_path):
+    p = subprocess.run(["bash", GPU_CHECK, "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OUT": str(tmp_path)})
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
+    summary = json.load(open(tmp_path / "gpu_check.json"))
+    assert [(s["name"], s["status"]) for s in summary["steps"]] == [
+        ("versions", "ok"), ("engine tests", "ok"), ("benchmark", "ok"), ("script epoch", "ok")]
+    assert re.fullmatch(r"\d+ passed, \d+ deselected", summary["engine_tests"]), summary["engine_tests"]
+    rows = summary["benchmark"]
+    assert {(r["model"], r["precision"], r["mode"]) for r in rows} == {
+        (m, p, mode) for m in ("vgg9", "resnet11") for p in ("ieee", "amp", "tf32") for mode in ("train", "infer")}
+    assert all(r["speedup"] > 0 and r["agree"] == 1.0 for r in rows if r["precision"] == "ieee")
+    assert summary["script_epoch_seconds"] is not None
+    tail = p.stdout.rstrip().splitlines()
+    assert "=== summary" in tail and tail[-1].startswith("log and figures:")  # the table comes last

@@ -1,25 +1,98 @@
 #!/usr/bin/env bash
-# The CUDA checks and timings, as one script for a machine with a GPU:
-#   bash benchmarks/gpu_check.sh 2>&1 | tee gpu_check.log
-# 1. the engine tests on CUDA, Triton kernels compiled (TRITON_INTERPRET=0): every backend that runs
-#    on CUDA against the per-step reference in float64, the paper's networks included;
-# 2. the operations and launches of a VGG9 training step at T = 20 and 100 (compiled kernels);
-# 3. VGG9 and ResNet11 training and inference at T = 100, batch 16, against the per-step reference:
-#    samples/s, speed ratio, torch.cuda.max_memory_allocated, and the minutes of a CIFAR-10 epoch at
-#    that rate (the targets: ≥ 5× the reference; a VGG9 epoch ≤ 2 min on an H200-class GPU);
-# 4. the same training steps under --amp (bf16 autocast), and one real training epoch of the script on
-#    synthetic CIFAR-sized images (4,096 images, T = 100, batch 16), timed by the script itself.
+# The GPU check: one short call on a machine with a CUDA GPU, with nothing to install there (the
+# working tree, and the machine's torch >= 2.11, triton >= 3.6, numba, pytest):
+#   bash benchmarks/gpu_check.sh             # its step timeouts add up to 300 s, kill margins included
+#   bash benchmarks/gpu_check.sh --dry-run   # the same steps on a CPU at tiny sizes, Triton interpreted
+# The steps, in order of value:
+#   1. versions, and the GPU with its architecture;
+#   2. the engine's CUDA tests, Triton kernels compiled: each backend that runs on CUDA against the
+#      per-step reference in float64 (IEEE, deterministic algorithms), the paper's networks included;
+#   3. VGG9 and ResNet11 at T = 100, batch 16, training step and inference against the per-step
+#      reference in IEEE float32, bf16 autocast (--amp) and TF32 (--tf32): samples/s, speed ratio,
+#      peak memory, CIFAR-10 epoch minutes, agreement (benchmarks/bench_gpu.py);
+#   4. one short training epoch of cifar10_VGG9.py on synthetic images, timed by the script.
+# A step that fails or runs out of time does not stop the next one. The full log (gpu_check.log) and
+# the figures (gpu_check.json) go to $OUT if it is set, else to runs/gpu_check (a temporary folder
+# for --dry-run); the summary table comes last on stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export TRITON_INTERPRET=0
-status=0
-step() { echo; echo "=== $*"; "$@" || { echo "=== FAILED ($?): $*"; status=1; }; }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
-step timeout 420 python -m pytest -q -x tests/test_engine.py -k "cuda or launches"
-step timeout 120 python benchmarks/count_ops.py --device cuda
-step timeout 600 python benchmarks/bench_train.py --device cuda --models vgg9,resnet11 --rounds 3
-step timeout 300 python benchmarks/bench_train.py --device cuda --models vgg9,resnet11 --modes train --amp --rounds 3 --no-memory
-step timeout 300 python cifar10_VGG9.py --synthetic --device cuda --epochs 1 -b 16 --limit-train 4096 --limit-val 512 \
-  -j 4 --no-progress --overwrite --out-dir runs/gpu_check_vgg9
-exit $status
+dry=0
+[ "${1:-}" = "--dry-run" ] && dry=1
+out=${OUT:-}
+[ -n "$out" ] || { [ $dry = 1 ] && out=$(mktemp -d) || out=runs/gpu_check; }
+mkdir -p "$out"
+log=$out/gpu_check.log
+: > "$log"
+KILL_AFTER=5  # a step that ignores its TERM is killed this many seconds after its timeout
+steps=()
+
+step() {  # step NAME SECONDS COMMAND...: the command under a timeout, logged; notes status and time
+  local name=$1 limit=$2 start=$SECONDS rc status
+  shift 2
+  echo "=== $name (timeout $limit s): $*" | tee -a "$log"
+  timeout -k $KILL_AFTER "$limit" "$@" 2>&1 | tee -a "$log"
+  rc=${PIPESTATUS[0]}
+  status=ok
+  [ "$rc" = 0 ] || status="failed ($rc)"
+  [ "$rc" = 124 ] || [ "$rc" = 137 ] && status=timeout
+  steps+=("$name|$status|$((SECONDS - start))")
+}
+
+if [ $dry = 1 ]; then  # Triton's kernels in its interpreter, on CPU tensors
+  export TRITON_INTERPRET=1 SPIKING_BACKEND=triton
+  device=cpu
+  tests=(-k "triton-cpu and (network_matches or graded)")
+  bench=(--device cpu --time-steps 2 --batch-size 1 --rounds 1 --no-warmup)
+  epoch=(--device cpu --time-steps 2 --limit-train 16 --limit-val 8 -b 8 --test-batch-size 8 -j 0)
+else
+  export TRITON_INTERPRET=0
+  device=cuda
+  tests=(-k "cuda or launches")
+  bench=()
+  epoch=(--device cuda --limit-train 1024 --limit-val 256 -b 16 -j 4)
+fi
+
+step versions 15 python - "$device" <<'EOF'
+import sys, torch, triton
+print("torch", torch.__version__, "triton", triton.__version__, "python", sys.version.split()[0])
+if sys.argv[1] == "cuda":
+    major, minor = torch.cuda.get_device_capability()
+    print("gpu", torch.cuda.get_device_name(), f"sm_{major}{minor}", "memory",
+          f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB", "cuda", torch.version.cuda,
+          "torch build archs", " ".join(torch.cuda.get_arch_list()))
+EOF
+step "engine tests" 115 python -m pytest -q -p no:cacheprovider tests/test_engine.py "${tests[@]}"
+step benchmark 110 python benchmarks/bench_gpu.py "${bench[@]}" --json "$out/bench.json"
+step "script epoch" 40 python cifar10_VGG9.py --synthetic --epochs 1 --no-progress --overwrite \
+  --out-dir "$out/vgg9_epoch" "${epoch[@]}"
+
+python - "$out" "${steps[@]}" <<'EOF' | tee -a "$log"
+import json, os, re, sys
+out, steps = sys.argv[1], [s.split("|") for s in sys.argv[2:]]
+log = open(os.path.join(out, "gpu_check.log")).read()
+bench = json.load(open(os.path.join(out, "bench.json"))) if os.path.exists(os.path.join(out, "bench.json")) else {}
+epoch = re.search(r"=> epoch 1/1 lr \S+ (\d+) s", log)
+passed = re.search(r"^(\d+ (?:passed|failed|errors?)\b.*?)(?: in [\d.]+s.*)?$", log, re.M)
+summary = dict(steps=[dict(name=n, status=s, seconds=int(t)) for n, s, t in steps],
+               versions=[l for l in log.splitlines() if l.startswith(("torch ", "gpu "))],
+               engine_tests=passed and passed.group(1), script_epoch_seconds=epoch and int(epoch.group(1)),
+               benchmark=bench.get("rows", []), machine=bench.get("machine"))
+json.dump(summary, open(os.path.join(out, "gpu_check.json"), "w"), indent=1)
+print("\n=== summary")
+for line in summary["versions"]:
+    print(line)
+for s in summary["steps"]:
+    print(f"{s['name']:14} {s['status']:12} {s['seconds']:4d} s")
+print("engine tests:", summary["engine_tests"] or "no result")
+print("script epoch (cifar10_VGG9.py, synthetic images):", f"{epoch.group(1)} s" if epoch else "no result")
+if summary["benchmark"]:
+    print(f"{'model':9} {'precision':9} {'mode':5} {'engine/s':>9} {'ref/s':>8} {'speed':>6} {'engine MiB':>10} "
+          f"{'ref MiB':>8} {'epoch min':>9} {'agree':>6}")
+    for r in summary["benchmark"]:
+        mib = ["-" if r[k] is None else f"{r[k]:.0f}" for k in ("engine_peak_mib", "reference_peak_mib")]
+        print(f"{r['model']:9} {r['precision']:9} {r['mode']:5} {r['engine_samples_s']:9.1f} "
+              f"{r['reference_samples_s']:8.1f} {r['speedup']:6.2f} {mib[0]:>10} {mib[1]:>8} "
+              f"{r['cifar10_epoch_min']:9.2f} {r['agree']:6.3f}")
+print(f"log and figures: {out}/gpu_check.log, {out}/gpu_check.json")
+sys.exit(0 if all(s["status"] == "ok" for s in summary["steps"]) else 1)
+EOF

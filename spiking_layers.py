@@ -304,8 +304,10 @@ class _Synapse(torch.autograd.Function):
             grad_w = spiking_kernels.for_tensor(q).event_weight_grad(layer, q, s, weight, grad_current)
         if grad_x is not None:
             grad_x = grad_x.unflatten(0, ctx.chunk).to(ctx.in_dtype)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+        if grad_w is not None and (grad_w.dtype != weight.dtype or grad_w.stride() != weight.stride()):
+            # in the weight's own dtype and layout: channels-last kernels return channels-last grad_w,
+            # which DDP's buckets (laid out like the parameter) would copy element by element
+            grad_w = torch.empty_like(weight).copy_(grad_w)
         return grad_x, grad_w, None
 
 

@@ -1,6 +1,7 @@
-"""The loop shared by the four paper scripts: CLI, setup, data, train/validate, checkpoints, logs, stats.
+"""The loop shared by the four paper scripts: CLI, setup, data, train/validate, health, stats, the run.
 
-Each script calls `main(Model, DEFAULTS, datasets)`. The sections follow the order of a run.
+Each script calls `main(Model, DEFAULTS, datasets)`. The sections follow the order of a run; the run's
+files (checkpoints, the CSV log, the out-dir it owns) are in checkpoints.py.
 
     python mnist_LeNet.py --dataset fashion-mnist                      one process, CPU or GPU
     torchrun --nproc_per_node=4 cifar10_VGG9.py                        DDP: --batch-size is per process
@@ -9,21 +10,14 @@ Each script calls `main(Model, DEFAULTS, datasets)`. The sections follow the ord
     python cifar10_VGG9.py --out-dir runs/v9 --resume auto              a job script's command: re-run after preemption
 """
 import argparse
-import collections
 import contextlib
-import csv
 import ctypes
-import fcntl
-import glob
 import gzip
-import io
 import json
 import math
 import os
 import shutil
-import socket
 import sys
-import tempfile
 import time
 
 # Process settings for the engine on a CPU, named once here (benchmarks/harness.py builds its
@@ -64,6 +58,9 @@ from torchvision import transforms
 from tqdm import tqdm
 
 import stats
+from checkpoints import (NonFiniteError, RunFiles, append_csv, atomic_write, check_checkpoint_exists, check_dirs,
+                         check_weights_finite, checkpoint_state, diverged, first_line, load_checkpoint,
+                         restore_training, save_checkpoint, set_lr_for_epoch)
 
 try:
     import spiking_kernels  # reads SPIKING_BACKEND
@@ -336,7 +333,7 @@ def _torchvision_dataset(args, train, transform, download=True):
         how = (f"install it with apt-get install -y dataset-fashion-mnist (Debian package dataset-fashion-mnist, "
                f"found in {DEBIAN_FASHION_MNIST})" if name == "fashion-mnist" else
                f"run once with internet access, or copy torchvision's {cls.__name__} files under {root}")
-        raise SystemExit(f"error: {name} is not in {root} and could not be downloaded ({_first_line(e)}); {how}")
+        raise SystemExit(f"error: {name} is not in {root} and could not be downloaded ({first_line(e)}); {how}")
 
 
 def _unpack_debian_fashion_mnist(args):
@@ -456,182 +453,7 @@ def show_progress(args):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-def checkpoint_state(net, optimizer, scheduler, epoch, best_prec1, args):
-    """The authors' keys, plus what an exact resume needs; tensors and plain data only (weights_only)."""
-    return dict(epoch=epoch, arch=type(net).__name__, state_dict=net.state_dict(), best_prec1=best_prec1,
-                optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng_cpu=torch.get_rng_state(),
-                rng_cuda=torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
-                args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()})
-
-
-def save_checkpoint(state, is_best, args):
-    """model_best (when best) first, then the checkpoint: a kill between the two leaves the previous
-    checkpoint, from which a resume re-runs this epoch and writes model_best again. Weights that are
-    not finite are never written (NonFiniteError)."""
-    check_weights_finite(state["state_dict"], state["epoch"], args)
-    for name in ([f"model_bestT1_{args.tag}.pth.tar"] if is_best else []) + [f"checkpointT1_{args.tag}.pth.tar"]:
-        atomic_write(os.path.join(args.out_dir, name), lambda f: torch.save(state, f))
-
-
-def check_weights_finite(state_dict, epoch, args):
-    bad = non_finite(state_dict)
-    if bad:
-        raise NonFiniteError(diverged(f"the weights after epoch {epoch} hold NaN or inf ({_some(bad)})", args))
-
-
-def non_finite(state):
-    """The names of the floating-point tensors in `state` that hold a NaN or an inf."""
-    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-
-
-def _some(names, most=3):
-    return ", ".join(names[:most]) + (" …" if len(names) > most else "")
-
-
-def atomic_write(path, write):
-    """write(f) into a temp file beside `path`, fsync, then rename: a crash mid-write leaves the old
-    file intact. Used for every file a run writes (checkpoints, CSV, stats.json, plots)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; follow the umask as other files do
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def check_checkpoint_exists(path):
-    if not os.path.isfile(path):  # never train from scratch instead, as the authors' scripts did
-        raise SystemExit(f"error: --resume {path}: no such file")
-
-
-def load_checkpoint(path, net):
-    """Load weights into `net` from one of ours or an authors' release (legacy serialization, a full
-    dict or a bare state_dict, DataParallel's `module.` prefix). Returns the dict, {} if bare."""
-    check_checkpoint_exists(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint must not run code
-    except Exception as e:
-        raise SystemExit(f"error: --resume {path}: corrupt, truncated, or not loadable with weights_only=True "
-                         f"({_first_line(e)})")
-    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise SystemExit(f"error: --resume {path}: holds no state_dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    own = net.state_dict()
-    problems = {"missing": sorted(own.keys() - state.keys()), "unexpected": sorted(state.keys() - own.keys()),
-                "shape": [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                          if k in own and v.shape != own[k].shape]}
-    if any(problems.values()):
-        found = "; ".join(f"{kind} {_some(names)}" for kind, names in problems.items() if names)
-        raise SystemExit(f"error: --resume {path} is not a {type(net).__name__} checkpoint: {found}")
-    bad = non_finite(state)
-    if bad:  # it would evaluate to nonsense (and --stats to an energy "advantage"), or train on NaN
-        raise SystemExit(f"error: --resume {path}: its weights hold NaN or inf ({_some(bad)}); it was saved "
-                         f"from a run that had diverged")
-    net.load_state_dict(state)
-    return ckpt if "state_dict" in ckpt else {}
-
-
-def restore_training(ckpt, net, optimizer, scheduler, args, given=()):
-    """Optimizer, LR schedule and RNG from `ckpt`; returns (start_epoch, best_prec1).
-
-    given: the flags on the command line; --lr, --lr-steps, --momentum and --wd among them replace the
-    checkpoint's settings (see apply_optimizer_flags)."""
-    start_epoch = int(ckpt.get("epoch", args.start_epoch))
-    try:
-        if "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            check_optimizer_state(net, optimizer)
-        if "scheduler" in ckpt:
-            scheduler.load_state_dict(ckpt["scheduler"])
-    except (KeyError, ValueError, TypeError, AttributeError) as e:
-        raise SystemExit(f"error: --resume {args.resume}: its optimizer state does not fit ({_first_line(e)})")
-    apply_optimizer_flags(optimizer, scheduler, start_epoch, "scheduler" in ckpt, args, given)
-    if "rng_cpu" in ckpt and not args.distributed:  # under torchrun, each rank keeps its own seed
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if ckpt.get("rng_cuda") is not None and torch.cuda.device_count() == len(ckpt["rng_cuda"]):
-            torch.cuda.set_rng_state_all(list(ckpt["rng_cuda"]))
-    return start_epoch, float(ckpt.get("best_prec1", -math.inf))
-
-
-def check_optimizer_state(net, optimizer):
-    """ValueError unless every buffer of the loaded optimizer state has its weight's shape and is
-    finite, and the settings are finite numbers (torch checks only the number of parameters)."""
-    for name, p in net.named_parameters():
-        for key, value in optimizer.state.get(p, {}).items():
-            if not torch.is_tensor(value) or key == "step":
-                continue
-            if value.shape != p.shape:
-                raise ValueError(f"{key} of {name} has shape {tuple(value.shape)}, not {tuple(p.shape)}")
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{key} of {name} holds NaN or inf")
-    for group in optimizer.param_groups:
-        for key in ("lr", "momentum", "weight_decay"):
-            if not isinstance(group.get(key), (int, float)) or not math.isfinite(group[key]):
-                raise ValueError(f"its {key} is {group.get(key)!r}")
-
-
-OPTIMIZER_FLAGS = {"lr": "--lr", "lr_steps": "--lr-steps", "momentum": "--momentum", "weight_decay": "--wd"}
-
-
-def apply_optimizer_flags(optimizer, scheduler, epoch, scheduled, args, given):
-    """After a resume: the optimizer flags on the command line replace the checkpoint's settings (with a
-    note); the others take the checkpoint's, so that args (saved with the next checkpoint) says what
-    runs. Without such flags a resume is exact. An authors' release (not `scheduled`) has no schedule:
-    its LR is not ours to trust, so --lr and --lr-steps always come from the flags (or DEFAULTS)."""
-    group = optimizer.param_groups[0]
-    held = dict(momentum=group["momentum"], weight_decay=group["weight_decay"])
-    if scheduled:
-        held.update(lr=group.get("initial_lr", args.lr), lr_steps=tuple(sorted(scheduler.milestones)))
-    changed = [f"{OPTIMIZER_FLAGS[k]} {_plain(v)} → {_plain(getattr(args, k))}" for k, v in held.items()
-               if k in given and v != getattr(args, k)]
-    for k, v in held.items():
-        if k not in given:
-            setattr(args, k, v)
-    for g in optimizer.param_groups:
-        g.update(initial_lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    scheduler.base_lrs = [args.lr] * len(optimizer.param_groups)
-    scheduler.milestones = collections.Counter(args.lr_steps)
-    if changed or not scheduled:
-        set_lr_for_epoch(optimizer, scheduler, epoch, args)
-    if changed:
-        log(args, "=> note: the flags given replace the checkpoint's optimizer settings: " + ", ".join(changed))
-
-
-def _plain(value):
-    return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
-
-
-def set_lr_for_epoch(optimizer, scheduler, epoch, args):
-    """Put the schedule where it would be after `epoch` epochs."""
-    for group in optimizer.param_groups:
-        group["lr"] = args.lr * 0.2 ** sum(epoch >= step for step in args.lr_steps)
-    scheduler.last_epoch = epoch
-
-
-def _first_line(e):
-    text = str(e).split("WeightsUnpickler error:")[-1]  # skip torch's paragraph about weights_only=False
-    return ([s.strip() for s in text.splitlines() if s.strip()] or [type(e).__name__])[0].split(". ")[0][:200]
-
-
-# ----------------------------------------------------------------------------------------------
-# Meters and the CSV log
+# Meters
 
 class Meter:
     """Sums of per-batch metrics and the number of examples; the means are per example."""
@@ -660,45 +482,6 @@ def all_reduce(values, device):
     return t
 
 
-def append_csv(path, row):
-    """One row per epoch, the header with the first. The file is rewritten whole through atomic_write,
-    so that a kill leaves all of the old rows or all of the new, never half a row."""
-    fields, rows = read_csv(path)
-    fields += [k for k in row if k not in fields]
-    write_csv(path, fields, rows + [row])
-
-
-def read_csv(path):
-    """(field names, rows as dicts of strings); ([], []) if there is no such file."""
-    if not os.path.exists(path):
-        return [], []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return list(reader.fieldnames or []), list(reader)
-
-
-def write_csv(path, fields, rows):
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=fields, restval="")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
-def drop_csv_rows_after(path, epoch):
-    """Keep the rows of epochs ≤ `epoch` (rows of a later epoch come from a run killed after writing its
-    row, before its checkpoint landed; that epoch runs again). Returns the epochs dropped."""
-    fields, rows = read_csv(path)
-    keep = [(r.get("epoch") or "").isdigit() and int(r["epoch"]) <= epoch for r in rows]
-    if all(keep):
-        return []
-    if any(keep):
-        write_csv(path, fields, [r for r, k in zip(rows, keep) if k])
-    else:
-        os.unlink(path)
-    return [r.get("epoch") for r, k in zip(rows, keep) if not k]
-
-
 def fmt(m):
     return f"Prec@1 {m['prec1']:.3f} Prec@5 {m['prec5']:.3f} Loss {m['loss']:.4f}"
 
@@ -707,17 +490,6 @@ def fmt(m):
 # Training health
 
 LOUDER = "more time steps (--time-steps), a lower learning rate (--lr), or a larger init scale"
-
-
-class NonFiniteError(Exception):
-    """Training produced NaN or inf (loss or weights): the run stops at once, saving nothing more."""
-
-
-def diverged(what, args):
-    """One line: what went non-finite, and the likely causes."""
-    amp = ", or a bfloat16 overflow under --amp" if args.amp else ""
-    return (f"{what}: training diverged, most likely from a learning rate too high for this network "
-            f"(--lr {args.lr:g}: try it 10× lower){amp}")
 
 
 class HealthMonitor:
@@ -828,123 +600,6 @@ def save_stats_outputs(result, out_dir, csv_path=None):
         files.append(save_figure(stats.plot_training_curves(csv_path), os.path.join(out_dir, "training_curves.png")))
     text.append("=> wrote " + ", ".join(f for f in files if f))
     return "\n".join(text)
-
-
-# ----------------------------------------------------------------------------------------------
-# The out-dir: a training run owns its files there
-
-class RunFiles:
-    """A training run's files in --out-dir: checkpointT1_<tag>.pth.tar, model_bestT1_<tag>.pth.tar,
-    log_<tag>.csv, and the lock file .lock_<tag>; and what this run has saved so far (for the truth of
-    its last words). Rank 0 alone locks and writes."""
-
-    def __init__(self, args):
-        self.dir, self.tag = args.out_dir, args.tag
-        self.checkpoint, self.best, self.log = (os.path.join(args.out_dir, name) for name in (
-            f"checkpointT1_{args.tag}.pth.tar", f"model_bestT1_{args.tag}.pth.tar", f"log_{args.tag}.csv"))
-        self.auto = args.resume == "auto"
-        if self.auto:  # the one command a job script can re-run after preemption
-            args.resume = self.checkpoint if os.path.exists(self.checkpoint) else None
-            if args.resume is None and args.evaluate:
-                raise SystemExit(f"error: --resume auto: there is no {self.checkpoint} to evaluate")
-        self.resumes_own = bool(args.resume) and os.path.exists(args.resume) and os.path.exists(
-            self.checkpoint) and os.path.samefile(args.resume, self.checkpoint)
-        self.lock = None  # the lock file's descriptor while this process holds it
-        self.epoch = self.saved_epoch = None  # the epoch in progress; the one self.checkpoint holds
-
-    def claim(self, args):
-        """Lock the out-dir for this tag, refuse to start over a previous run's files, and remove the temp
-        files a killed save left. One line and exit 1 on a refusal."""
-        self._lock()
-        found = [p for p in (self.checkpoint, self.best, self.log) if os.path.exists(p)]
-        if found and not (self.resumes_own or args.overwrite or self._only_a_lost_epoch(args)):
-            names = ", ".join(os.path.basename(p) for p in found)
-            resume = f"continue it with --resume {self.checkpoint} (or --resume auto), " \
-                if self.checkpoint in found else ""
-            raise SystemExit(f"error: --out-dir {self.dir} holds a previous run's {names}: {resume}or start "
-                             f"over with --overwrite (deletes them), or choose another --out-dir")
-        for target in (self.checkpoint, self.best, self.log):  # atomic_write's names
-            folder, name = os.path.split(target)
-            for tmp in glob.glob(os.path.join(glob.escape(folder or "."), glob.escape(f".{name}.") + "*.tmp")):
-                os.unlink(tmp)
-                log(args, f"=> removed {tmp}, left by a save that was killed")
-
-    def _lock(self):
-        """flock on a descriptor held until release() or exit: the kernel drops it with the process, so a
-        lock file left behind is harmless."""
-        path = os.path.join(self.dir, f".lock_{self.tag}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
-            os.close(fd)
-            raise SystemExit(f"error: --out-dir {self.dir} is in use by another training run of {self.tag}"
-                             f"{f' ({holder})' if holder else ''}; wait for it to end, or choose another --out-dir")
-        except OSError as e:  # a file system without locks (some NFS): run, but say what is not guarded
-            os.close(fd)
-            tqdm.write(f"WARNING: cannot lock {path} ({e.strerror or e}): a second run in --out-dir {self.dir} "
-                       f"would not be refused", file=sys.stderr)
-            return
-        os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
-        self.lock = fd
-
-    def _only_a_lost_epoch(self, args):
-        """--resume auto without a checkpoint, over nothing but the log row of a first epoch that was
-        killed before its checkpoint landed: that epoch runs again."""
-        rows = read_csv(self.log)[1]
-        return self.auto and not os.path.exists(self.checkpoint) and not os.path.exists(self.best) and \
-            [r.get("epoch") for r in rows] == [str(args.start_epoch + 1)]
-
-    def prepare(self, args, start_epoch):
-        """Just before training: --overwrite deletes the previous run's files; a resume of this directory's
-        own checkpoint (or --resume auto over a lost first epoch) drops the log rows after it."""
-        if args.overwrite and not self.resumes_own:
-            found = [p for p in (self.checkpoint, self.best, self.log) if os.path.exists(p)]
-            for path in found:
-                os.unlink(path)
-            if found:
-                log(args, f"=> --overwrite: deleted {', '.join(found)}")
-        else:  # a fresh run that claim() let start has no log, or only the row of a lost first epoch
-            dropped = drop_csv_rows_after(self.log, start_epoch)
-            if dropped:
-                log(args, f"=> dropped epoch {', '.join(dropped)} from {self.log}: it was killed before its "
-                    f"checkpoint landed and runs again")
-
-    def saved(self):
-        """What this run leaves in the checkpoint, in words."""
-        if self.saved_epoch is not None:
-            return f"{self.checkpoint} holds epoch {self.saved_epoch}: continue with --resume {self.checkpoint}"
-        return f"{self.checkpoint} is as it was" if self.resumes_own else "nothing was saved"
-
-    def release(self):
-        if self.lock is not None:
-            os.close(self.lock)
-            self.lock = None
-
-
-def check_dirs(args):
-    """--out-dir (when this run writes there) must be a directory, or creatable, and writable; --data-dir
-    (when a dataset is read) a directory, or creatable: a read-only one holding the dataset is fine."""
-    if not args.evaluate or args.stats or args.time_sweep:
-        _usable_dir("--out-dir", args.out_dir, write=True)
-    if not args.synthetic:
-        _usable_dir("--data-dir", args.data_dir, write=False)
-
-
-def _usable_dir(flag, path, write):
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SystemExit(f"error: {flag} {path} is not a directory")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise SystemExit(f"error: {flag} {path} cannot be created ({e.strerror or e})")
-    if write:
-        try:
-            tempfile.TemporaryFile(dir=path).close()
-        except OSError as e:
-            raise SystemExit(f"error: {flag} {path} is not writable ({e.strerror or e})")
 
 
 # ----------------------------------------------------------------------------------------------

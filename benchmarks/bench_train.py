@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 import harness
+import checkpoints
 import utils
 from cifar10_ResNet11 import ResNet11
 from cifar10_VGG9 import VGG9
@@ -59,7 +60,7 @@ def make_step(name, impl, mode, device, amp, chunk, T=None, B=None, checkpoint=N
     torch.manual_seed(0)
     model = Model(time_steps=T, dropout=0.0)
     if checkpoint:
-        utils.load_checkpoint(checkpoint, model)
+        checkpoints.load_checkpoint(checkpoint, model)
     model = model.to(device)
     model.time_chunk = chunk
     x = fashion_mnist_images(B) if images == "fashion-mnist" else torch.rand(B, *shape) * 0.9

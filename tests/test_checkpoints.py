@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-import utils
+import checkpoints
 from conftest import NETWORKS, SCRIPTS, exit_message, network, run_main
 
 
@@ -81,7 +81,7 @@ def test_checkpoint_holds_plain_data_only(tmp_path, tiny):
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpointT1_x.pth.tar")
-    utils.atomic_write(path, lambda f: torch.save({"epoch": 1}, f))
+    checkpoints.atomic_write(path, lambda f: torch.save({"epoch": 1}, f))
 
     def crash(obj, f):
         f.write(b"half a checkpoint")
@@ -89,7 +89,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        utils.atomic_write(path, lambda f: torch.save({"epoch": 2}, f))
+        checkpoints.atomic_write(path, lambda f: torch.save({"epoch": 2}, f))
     assert os.listdir(tmp_path) == ["checkpointT1_x.pth.tar"]
     assert torch.load(path, weights_only=True) == {"epoch": 1}
 

@@ -390,6 +390,22 @@ def test_synapse_gradcheck(backend, device):
                                           fast_mode=True)
 
 
+def test_weight_gradients_come_in_their_parameters_layout(backend, device):
+    """The gradient handed to autograd has its weight's strides (a channels-last grad_w from the CPU
+    kernels is what makes DDP warn "Grad strides do not match bucket view strides"): seen by a hook
+    on each weight, before autograd would lay it out itself. The values are the same either way."""
+    torch.manual_seed(0)
+    net = network("mnist_LeNet.py", time_steps=2)[0].to(device)
+    seen = {}
+    for name, p in net.named_parameters():
+        p.register_hook(lambda g, name=name: seen.update({name: (g.stride(), g.clone())}))
+    net(torch.rand(3, 1, 28, 28, device=device)).sum().backward()
+    assert set(seen) == {name for name, _ in net.named_parameters()}
+    for name, p in net.named_parameters():
+        assert seen[name][0] == p.stride(), (name, seen[name][0], p.stride())
+        assert torch.equal(seen[name][1], p.grad), name
+
+
 # ----------------------------------------------------------------------------------------------
 # The backend switch, and what a GPU step costs
 

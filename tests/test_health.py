@@ -6,6 +6,7 @@ import types
 import pytest
 import torch
 
+import checkpoints
 import utils
 from conftest import exit_message, run_main
 
@@ -66,7 +67,7 @@ def test_stop_on_dead_raises_one_line(capsys):
 def test_a_non_finite_loss_is_named_as_such(loss):
     m = monitor(amp=True)
     m.check_loss(3.5, epoch=0, batch=1)
-    with pytest.raises(utils.NonFiniteError) as e:
+    with pytest.raises(checkpoints.NonFiniteError) as e:
         m.check_loss(loss, epoch=1, batch=7)
     message = str(e.value)
     assert f"the training loss is {loss} in epoch 2, batch 7" in message and "silent" not in message
@@ -77,8 +78,8 @@ def test_a_non_finite_loss_is_named_as_such(loss):
 def test_non_finite_weights_are_never_saved(tmp_path):
     args = types.SimpleNamespace(out_dir=str(tmp_path), tag="x", lr=0.1, amp=False)
     state = {"epoch": 3, "state_dict": {"fc0.weight": torch.ones(2), "fc1.weight": torch.tensor([1.0, float("nan")])}}
-    with pytest.raises(utils.NonFiniteError, match=r"weights after epoch 3 hold NaN or inf \(fc1.weight\)"):
-        utils.save_checkpoint(state, True, args)
+    with pytest.raises(checkpoints.NonFiniteError, match=r"weights after epoch 3 hold NaN or inf \(fc1.weight\)"):
+        checkpoints.save_checkpoint(state, True, args)
     assert list(tmp_path.iterdir()) == []
 
 

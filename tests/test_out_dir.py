@@ -5,6 +5,7 @@ import csv
 import pytest
 import torch
 
+import checkpoints
 import utils
 from conftest import exit_message, network, run_main
 
@@ -80,7 +81,7 @@ def test_a_file_system_without_locks_warns_and_runs(tmp_path, tiny, monkeypatch,
     def no_locks(fd, operation):
         raise OSError(37, "No locks available")
 
-    monkeypatch.setattr(utils.fcntl, "flock", no_locks)
+    monkeypatch.setattr(checkpoints.fcntl, "flock", no_locks)
     run_main(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path])
     assert f"WARNING: cannot lock {tmp_path}/.lock_mnist1 (No locks available)" in capsys.readouterr().err
     assert (tmp_path / "checkpointT1_mnist1.pth.tar").exists()

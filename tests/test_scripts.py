@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import utils
 from conftest import NETWORKS, SCRIPTS, TAGS, network
 
@@ -130,7 +131,7 @@ def test_an_unwritable_out_dir_is_refused(tmp_path, monkeypatch):
     def read_only(dir=None, **kw):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(utils.tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(checkpoints.tempfile, "TemporaryFile", read_only)
     with pytest.raises(SystemExit) as e:
         utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=["--synthetic", "--out-dir", str(tmp_path)])
     assert e.value.code == f"error: --out-dir {tmp_path} is not writable (Permission denied)"

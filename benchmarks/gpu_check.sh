@@ -24,6 +24,7 @@ mkdir -p "$out"
 log=$out/gpu_check.log
 : > "$log"
 KILL_AFTER=5  # a step that ignores its TERM is killed this many seconds after its timeout
+py=$(command -v python3 || command -v python)  # GPU images often have python3 alone
 steps=()
 
 step() {  # step NAME SECONDS COMMAND...: the command under a timeout, logged; notes status and time
@@ -48,11 +49,13 @@ else
   export TRITON_INTERPRET=0
   device=cuda
   tests=(-k "cuda or launches")
+  # Triton compiles each kernel variant on the host's CPU at first use: in parallel where pytest-xdist is
+  "$py" -c "import xdist" 2>/dev/null && tests+=(-n 4)
   bench=()
   epoch=(--device cuda --limit-train 1024 --limit-val 256 -b 16 -j 4)
 fi
 
-step versions 15 python - "$device" <<'EOF'
+step versions 15 "$py" - "$device" <<'EOF'
 import sys, torch, triton
 print("torch", torch.__version__, "triton", triton.__version__, "python", sys.version.split()[0])
 if sys.argv[1] == "cuda":
@@ -61,12 +64,12 @@ if sys.argv[1] == "cuda":
           f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB", "cuda", torch.version.cuda,
           "torch build archs", " ".join(torch.cuda.get_arch_list()))
 EOF
-step "engine tests" 115 python -m pytest -q -p no:cacheprovider tests/test_engine.py "${tests[@]}"
-step benchmark 110 python benchmarks/bench_gpu.py "${bench[@]}" --json "$out/bench.json"
-step "script epoch" 40 python cifar10_VGG9.py --synthetic --epochs 1 --no-progress --overwrite \
+step "engine tests" 115 "$py" -m pytest -q -p no:cacheprovider tests/test_engine.py "${tests[@]}"
+step benchmark 110 "$py" benchmarks/bench_gpu.py "${bench[@]}" --json "$out/bench.json"
+step "script epoch" 40 "$py" cifar10_VGG9.py --synthetic --epochs 1 --no-progress --overwrite \
   --out-dir "$out/vgg9_epoch" "${epoch[@]}"
 
-python - "$out" "${steps[@]}" <<'EOF' | tee -a "$log"
+"$py" - "$out" "${steps[@]}" <<'EOF' | tee -a "$log"
 import json, os, re, sys
 out, steps = sys.argv[1], [s.split("|") for s in sys.argv[2:]]
 log = open(os.path.join(out, "gpu_check.log")).read()

@@ -164,7 +164,7 @@ def test_fashion_mnist_is_found_in_the_debian_package(tmp_path, capsys, fashion_
     import mnist_LeNet
     args = utils.get_parser("", {**mnist_LeNet.DEFAULTS, "dataset": "fashion-mnist"}).parse_args(
         ["--data-dir", str(tmp_path), "--limit-val", "5"])
-    args.rank = 0
+    utils.processes(args)  # rank 0 of one process
     data = utils.get_dataset(args, train=False)
     assert "=> decompressed Fashion-MNIST" in capsys.readouterr().out
     assert len(data) == 5 and len(data.dataset) == 10000

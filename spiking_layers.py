@@ -524,8 +524,3 @@ class SpikingNetwork(nn.Module):
         device = next(self.parameters()).device
         return [n for n, _ in layers], torch.stack(rates) if rates else torch.zeros(0, dtype=torch.float64,
                                                                                      device=device)
-
-    def firing_rates(self):
-        """spike_rates() as a dict of floats: layer name -> rate (one device-to-host copy)."""
-        names, rates = self.spike_rates()
-        return dict(zip(names, rates.tolist()))

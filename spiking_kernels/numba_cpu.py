@@ -110,8 +110,8 @@ def fire(current, u, lf, n, record, t0, v_th, leak, leaky_sum, mask):
     current = current.to(u.dtype).contiguous()
     out = torch.empty(current.shape, dtype=u.dtype)
     no_mask = torch.empty(0, dtype=u.dtype)
-    _split(_fire_cpu, u.numel(), current.numpy(), u.numpy(), out.numpy(), lf.numpy(), n.numpy(), v_th, leak,
-           leaky_sum, (NO_RECORD if record is None else record).numpy(), t0,
+    _split(_fire_cpu, u.numel(), current.numpy(), u.numpy(), out.numpy(), lf.numpy(), n.numpy(), v_th,
+           _as(u, leak), leaky_sum, (NO_RECORD if record is None else record).numpy(), t0,
            (no_mask if mask is None else mask.to(u.dtype)).numpy())
     return out
 
@@ -130,8 +130,14 @@ def leaky_sum(current, u, leak):
     if not _compiled(u):
         return tensor_ops.leaky_sum(current, u, leak)
     u = u.clone()
-    _split(_leaky_sum_cpu, u.numel(), current.to(u.dtype).contiguous().numpy(), u.numpy(), leak)
+    _split(_leaky_sum_cpu, u.numel(), current.to(u.dtype).contiguous().numpy(), u.numpy(), _as(u, leak))
     return u
+
+
+def _as(u, leak):
+    """λ in the membrane's dtype, as the tensor operations use it: a float64 λ would make every
+    float32 leak step λ·U round differently (and, over many steps, flip spikes)."""
+    return u.numpy().dtype.type(leak)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ and each bad input of --export-nir and --resume FILE.nir, is one line.
 import gzip
 import os
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -186,7 +187,7 @@ def test_export_states_the_network(exported):
 # ----------------------------------------------------------------------------------------------
 # Import
 
-@pytest.mark.parametrize("script", list(NETWORKS))
+@pytest.mark.parametrize("script", ["mnist_LeNet.py", "cifar10_VGG9.py", "cifar10_ResNet11.py"])  # ResNet7: below
 def test_our_files_import_to_the_same_network(exported, script):
     for on_off in (False, True) if script == "mnist_LeNet.py" else (False,):
         net, path = exported(script, on_off)
@@ -278,6 +279,20 @@ def checkpoint(tmp_path):
     return str(path), net.state_dict()
 
 
+@pytest.mark.parametrize("script", list(NETWORKS))
+def test_every_script_exports_from_the_cli(script, tmp_path, capsys):
+    net = network(script, time_steps=2)[0]
+    checkpoint, path = tmp_path / "net.pth.tar", tmp_path / "net.nir"
+    torch.save({"state_dict": net.state_dict()}, checkpoint)
+    run_main(script, ["--resume", checkpoint, "--export-nir", path])
+    assert f"=> wrote {path}" in capsys.readouterr().out
+    back = nir_exchange.from_nir(nir.read(path)).state_dict()
+    assert back.keys() == net.state_dict().keys() and all(torch.equal(v, back[k]) for k, v in net.state_dict().items())
+    with pytest.raises(SystemExit):
+        run_main(script, ["--help"])
+    assert "--export-nir PATH" in capsys.readouterr().out
+
+
 def test_export_nir_then_resume_from_it(checkpoint, tmp_path, tiny):
     path = str(tmp_path / "lenet.nir")
     run_main("mnist_LeNet.py", ["--resume", checkpoint[0], "--export-nir", path, "--nir-on-off"])
@@ -292,12 +307,15 @@ def test_export_nir_without_resume(run_script, clean_error, tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def test_export_nir_to_an_unwritable_path(run_script, clean_error, checkpoint, tmp_path):
+def test_export_nir_to_an_unwritable_path(checkpoint, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")
-    p = run_script("mnist_LeNet.py", "--resume", checkpoint[0], "--export-nir", blocker / "x.nir")
-    clean_error(p, "cannot be written")
+    code, message = exit_message("mnist_LeNet.py", ["--resume", checkpoint[0], "--export-nir", blocker / "x.nir"])
+    assert code == 1 and "cannot be written" in message, message
     assert sorted(os.listdir(tmp_path)) == ["file", "lenet.pth.tar"]  # no temp file left either
+    code, message = exit_message("mnist_LeNet.py", ["--resume", checkpoint[0], "--export-nir", tmp_path, "--overwrite"])
+    assert code == 1 and "cannot be written" in message, message  # a directory
+    assert sorted(os.listdir(tmp_path)) == ["file", "lenet.pth.tar"]
 
 
 def test_export_nir_over_an_existing_file(checkpoint, tmp_path):
@@ -309,10 +327,15 @@ def test_export_nir_over_an_existing_file(checkpoint, tmp_path):
     assert type(nir.read(path).nodes["cnn1.lif"]).__name__ == "LIF"
 
 
-def test_resume_from_a_file_that_is_not_nir(run_script, clean_error, tmp_path, tiny):
+def test_resume_from_a_file_that_is_not_nir(tmp_path, tiny):
     path = tmp_path / "x.nir"
     path.write_bytes(b"not HDF5")
-    clean_error(run_script("mnist_LeNet.py", "--resume", path, "--evaluate", *tiny), "is not a NIR file")
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)
+    assert code == 1 and "is not a NIR file" in message, message
+    with h5py.File(path, "w") as f:  # HDF5, but not NIR's layout
+        f["x"] = 1
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)
+    assert code == 1 and "is not a NIR graph" in message, message
 
 
 @pytest.mark.parametrize("what", ["a CubaLIF", "another network"])

@@ -28,6 +28,7 @@ channels per image channel, ON = 1[s_t > 0] and OFF = 1[s_t < 0], whose first-la
 from_nir accepts the node kinds the export writes (and the SumPool2d form of the pooling neuron);
 anything it cannot run exactly raises NIRError, one line naming the node.
 """
+import functools
 import io
 import math
 import operator
@@ -166,7 +167,7 @@ def to_nir(net, input_shape, dt=DT, on_off=False):
             made[fx] = (fx.name, (int(np.prod(shape)),))
         elif fx.op == "call_function" and fx.target is operator.getitem and _subsample(fx.args[1]):
             s = _subsample(fx.args[1])
-            name = f"{next(iter(fx.users)).target.removeprefix('net.')}.shortcut"
+            name = f"{str(next(iter(fx.users)).target).removeprefix('net.')}.shortcut"
             nodes[name] = nir.SumPool2d(kernel_size=_pair(1), stride=_pair(s), padding=_pair(0))
             edges.append((srcs[0], name))
             made[fx] = (name, (shape[0], -(-shape[1] // s), -(-shape[2] // s)))
@@ -276,8 +277,8 @@ class NIRNetwork(SpikingNetwork):
         values = {self.input_node: spike_seq}
         for kind, out, name, inputs, extra in self.program:
             x = values[inputs[0]]
-            if kind == "layer":
-                shortcut = sum(values[s] for s in inputs[1:]) if len(inputs) > 1 else None
+            if kind == "layer":  # further inputs: shortcut currents into the membrane
+                shortcut = functools.reduce(operator.add, [values[s] for s in inputs[1:]]) if inputs[1:] else None
                 values[out] = self.get_submodule(name)(x, shortcut)
             elif kind in ("synapse", "pool"):
                 values[out] = self.get_submodule(name)(x)

@@ -195,6 +195,8 @@ def test_our_files_import_to_the_same_network(exported, script):
         mine, theirs = net.state_dict(), back.state_dict()
         assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
         assert (back.time_steps, back.input_scale, back.leak) == (net.time_steps, net.input_scale, net.leak)
+        again = nir_exchange.to_nir(back, NETWORKS[script][2], on_off=on_off)  # and it exports as it came
+        assert set(again.edges) == set(nir.read(path).edges) and again.nodes.keys() == nir.read(path).nodes.keys()
         spike_seq = input_spikes(net, script, seed=1)
         with torch.no_grad():
             assert torch.equal(back(spike_seq), net(spike_seq))

@@ -331,8 +331,7 @@ def from_nir(graph, dt=None, time_steps=None):
             net_modules[n] = _synapse(node, n, on_off and src == inputs)
             program.append(("synapse", n, n, src, None))
         elif isinstance(node, (nir.AvgPool2d, nir.SumPool2d)):
-            k, s, p = (tuple(int(v) for v in np.broadcast_to(getattr(node, a), 2)) for a in
-                       ("kernel_size", "stride", "padding"))
+            k, s, p = _ints(node.kernel_size), _ints(node.stride), _ints(node.padding)
             if isinstance(node, nir.SumPool2d) and k == (1, 1) and s[0] == s[1] and p == (0, 0):
                 program.append(("subsample", n, None, src, s[0]))
             elif (k, s, p) == ((2, 2), (2, 2), (0, 0)) and [type(graph.nodes[u]) for u in users[n]] == [nir.IF]:
@@ -455,7 +454,11 @@ def _conv_args(node, name):
             isinstance(node.padding, str):
         raise NIRError(f"node {name!r} (Conv2d): groups, dilation or string padding; this engine runs plain "
                        f"convolutions")
-    return tuple(int(v) for v in np.broadcast_to(node.stride, 2)), tuple(int(v) for v in np.broadcast_to(node.padding, 2))
+    return _ints(node.stride), _ints(node.padding)
+
+
+def _ints(pair):
+    return tuple(int(v) for v in np.broadcast_to(pair, 2))
 
 
 def _synapse(node, name, on_off=False):

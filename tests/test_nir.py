@@ -262,6 +262,19 @@ def test_what_from_nir_cannot_run_is_one_line_naming_the_node(change):
     assert phrase in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+def test_from_nir_runs_the_equivalent_forms_of_our_nodes():
+    """Sum pooling into IF neurons with a threshold in [3, 4), and Affine with a zero bias: the same network."""
+    net = network("mnist_LeNet.py", time_steps=T)[0].eval()
+    graph = nir_exchange.to_nir(net, (1, 28, 28))
+    graph.nodes["pool2"] = nir.SumPool2d(kernel_size=np.array([2, 2]), stride=np.array([2, 2]), padding=np.array([0, 0]))
+    graph.nodes["pool2.if"] = nir.IF(r=graph.nodes["pool2.if"].r, v_threshold=np.full((50, 7, 7), 3.5))
+    graph.nodes["fc0"] = nir.Affine(weight=graph.nodes["fc0"].weight, bias=np.zeros(200, np.float32))
+    back = nir_exchange.from_nir(graph).eval()
+    spike_seq = input_spikes(net, "mnist_LeNet.py")
+    with torch.no_grad():
+        assert torch.equal(back(spike_seq), net(spike_seq))
+
+
 def test_from_nir_needs_a_dt():
     graph = lenet_graph()
     del graph.metadata["dt"]
@@ -301,6 +314,9 @@ def test_export_nir_then_resume_from_it(checkpoint, tmp_path, tiny):
     assert nir.read(path).nodes["input"].input_type["input"][0] == 2  # ON and OFF
     net = run_main("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)  # weights from the NIR file
     assert all(torch.equal(v, checkpoint[1][k]) for k, v in net.state_dict().items())
+    net = run_main("mnist_LeNet.py", ["--resume", path, "--epochs", "1", "--out-dir", tmp_path] + tiny)  # fine-tune
+    assert os.path.exists(tmp_path / "checkpointT1_mnist1.pth.tar")
+    assert not torch.equal(net.state_dict()["cnn1.weight"], checkpoint[1]["cnn1.weight"])
 
 
 def test_export_nir_without_resume(run_script, clean_error, tmp_path):

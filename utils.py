@@ -133,7 +133,7 @@ def get_parser(description, defaults, datasets=None):
       "--out-dir's own checkpointT1_<tag>.pth.tar if there is one, else a fresh start (a command to re-run "
       "after preemption). Optimizer flags given on the command line replace the checkpoint's")
     a("--overwrite", action="store_true", help="start a training run in an --out-dir that holds a previous "
-      "run's checkpoints or log: they are deleted when training starts")
+      "run's checkpoints or log: they are deleted when training starts; with --export-nir, replace its file")
     a("-e", "--evaluate", action="store_true", help="evaluate on the test set and exit")
     a("-j", "--workers", type=NATURAL, default=2, metavar="N", help="data loading worker processes")
     a("--time-steps", type=COUNT, metavar="T", help="time steps per image, training and test")
@@ -166,6 +166,10 @@ def get_parser(description, defaults, datasets=None):
     a("--time-sweep", type=STEPS, metavar="T1,T2", help="with --evaluate: Prec@1 read out after each of these "
       "numbers of time steps, in the same pass (table, stats.json, plot); a step beyond --time-steps raises "
       "--time-steps to it")
+    a("--export-nir", metavar="PATH", help="with --resume: write the network as a NIR graph (docs/nir.md) and "
+      "exit; needs no data. --resume also reads a .nir file")
+    a("--nir-on-off", action="store_true", help="with --export-nir: unsigned ON/OFF input channels (first-layer "
+      "weights [W, -W]) for hardware that takes only positive events")
     # lr_steps as typed on the command line: --help shows "70,100,125" and argparse parses it
     p.set_defaults(**{**defaults, "lr_steps": ",".join(map(str, defaults["lr_steps"]))})
     return p
@@ -626,6 +630,13 @@ def main(Model, defaults, datasets=None, argv=None):
     files = RunFiles(args)  # resolves --resume auto
     if args.resume:
         check_checkpoint_exists(args.resume)
+    if args.nir_on_off and not args.export_nir:
+        parser.error("--nir-on-off is a form of --export-nir PATH: add it")
+    if args.export_nir:  # like --evaluate, without data
+        if not args.resume:
+            parser.error("--export-nir writes a trained network: add --resume CKPT")
+        import nir_exchange  # here only: nir and h5py load for NIR files alone
+        return nir_exchange.export_checkpoint(Model, args)
     if not args.evaluate and not args.resume and args.start_epoch >= args.epochs:
         parser.error(f"--start-epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}")
     check_dirs(args)
@@ -663,7 +674,11 @@ def run(Model, args, device, files=None, given=()):
     set_lr_for_epoch(optimizer, scheduler, args.start_epoch, args)
     start_epoch, best_prec1 = args.start_epoch, -math.inf
     if args.resume:
-        ckpt = load_checkpoint(args.resume, net)
+        if args.resume.endswith(".nir"):  # a network described in NIR (docs/nir.md): its weights alone
+            import nir_exchange
+            ckpt = nir_exchange.load_into(args.resume, net)
+        else:
+            ckpt = load_checkpoint(args.resume, net)
         done = f" (epoch {ckpt['epoch']}, best Prec@1 {float(ckpt['best_prec1']):.3f})" \
             if {"epoch", "best_prec1"} <= ckpt.keys() else ""
         log(args, f"=> loaded {args.resume}{done}")

@@ -39,6 +39,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from checkpoints import atomic_write, load_checkpoint
 from spiking_layers import (Conv2d, Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork,
                             SpikingNeurons)
 
@@ -231,7 +232,6 @@ def write(graph, path, overwrite=False):
         raise NIRError(f"{path} exists: add --overwrite to replace it")
     buffer = io.BytesIO()  # h5py writes through a file that it can also read: build the file in memory
     _nir().write(buffer, graph)
-    from utils import atomic_write  # here: utils imports this module (lazily) for --export-nir
     try:
         atomic_write(path, lambda f: f.write(buffer.getvalue()))
     except OSError as e:
@@ -522,7 +522,7 @@ def _add(net, path, module):
 def export_checkpoint(Model, args):
     """--resume CKPT --export-nir PATH: the script's network with the checkpoint's weights, written to
     PATH as NIR; no data is read. Returns the network."""
-    from utils import load_checkpoint, log
+    from utils import log  # here: utils imports this module (lazily) for --export-nir
     net = Model(time_steps=args.time_steps, leak=args.leak, dropout=args.dropout)
     if args.resume.endswith(".nir"):
         load_into(args.resume, net)

@@ -13,10 +13,11 @@ import argparse
 import contextlib
 import ctypes
 import gzip
-import json
 import math
 import os
 import shutil
+import signal
+import struct
 import sys
 import time
 
@@ -49,18 +50,18 @@ if "torch" not in sys.modules:
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
+from torchvision.datasets.utils import check_integrity
 from torchvision import transforms
 from tqdm import tqdm
 
 import stats
-from checkpoints import (NonFiniteError, RunFiles, append_csv, atomic_write, check_checkpoint_exists, check_dirs,
+from checkpoints import (NonFiniteError, RunFiles, WriteError, append_csv, check_checkpoint_file, check_dirs,
                          check_weights_finite, checkpoint_state, diverged, first_line, load_checkpoint,
-                         restore_training, save_checkpoint, set_lr_for_epoch)
+                         restore_training, save_checkpoint, set_lr_for_epoch, writes_files)
 
 try:
     import spiking_kernels  # reads SPIKING_BACKEND
@@ -100,12 +101,15 @@ def _finite(ok, rule):
     return _checked(float, lambda x: math.isfinite(x) and ok(x), rule)
 
 
-# torch.manual_seed takes seeds below 2**64; the seed + rank (and the sampler's seed + epoch) stay below it
+# torch.manual_seed takes seeds below 2**64; the seed + rank (and the sampler's seed + epoch) stay below it.
+# Counts stay below it too: torch, Python's len() and the data loaders take no larger integer
 SEED_LIMIT = 2 ** 63
-COUNT = _checked(int, lambda n: n >= 1, "must be an integer ≥ 1")
-NATURAL = _checked(int, lambda n: n >= 0, "must be an integer ≥ 0")
+COUNT = _checked(int, lambda n: 1 <= n < SEED_LIMIT, "must be an integer ≥ 1 and below 2**63")
+NATURAL = _checked(int, lambda n: 0 <= n < SEED_LIMIT, "must be an integer ≥ 0 and below 2**63")
 SEED = _checked(int, lambda n: 0 <= n < SEED_LIMIT, "must be an integer from 0 to 2**63 - 1")
-EPOCHS = _checked(lambda s: tuple(int(e) for e in s.split(",") if e.strip()), lambda t: True, "must be like 70,100")
+EPOCHS = _checked(lambda s: tuple(int(e) for e in s.split(",") if e.strip()),
+                  lambda t: all(1 <= a < b for a, b in zip(t, t[1:] + (SEED_LIMIT,))),
+                  "must be epochs ≥ 1 in increasing order, like 70,100")
 STEPS = _checked(lambda s: tuple(sorted({int(e) for e in s.split(",") if e.strip()})), lambda t: t and t[0] >= 1,
                  "must be step counts ≥ 1, like 10,20,50,100")
 
@@ -132,8 +136,8 @@ def get_parser(description, defaults, datasets=None):
     a("--resume", metavar="PATH", help="checkpoint to start from: ours, or the authors' releases. 'auto': "
       "--out-dir's own checkpointT1_<tag>.pth.tar if there is one, else a fresh start (a command to re-run "
       "after preemption). Optimizer flags given on the command line replace the checkpoint's")
-    a("--overwrite", action="store_true", help="start a training run in an --out-dir that holds a previous "
-      "run's checkpoints or log: they are deleted when training starts")
+    a("--overwrite", action="store_true", help="start a run in an --out-dir that holds a previous run's files "
+      "of this script (checkpoints, log, curves; an evaluation's stats_<tag>/): they are deleted first")
     a("-e", "--evaluate", action="store_true", help="evaluate on the test set and exit")
     a("-j", "--workers", type=NATURAL, default=2, metavar="N", help="data loading worker processes")
     a("--time-steps", type=COUNT, metavar="T", help="time steps per image, training and test")
@@ -150,13 +154,14 @@ def get_parser(description, defaults, datasets=None):
     a("--time-chunk", type=COUNT, metavar="K", help="time steps per convolution call; default: all T on a "
       "GPU, ~256 images per call on a CPU (80 for VGG9). Results do not depend on it")
     a("--amp", action="store_true", help="bfloat16 autocast around forward and loss")
-    a("--out-dir", default=".", metavar="DIR", help="checkpoints and the CSV log go here")
+    a("--out-dir", default=".", metavar="DIR", help="checkpoints, the CSV log and plots go here, named by the "
+      "script's tag")
     a("--no-progress", action="store_true", help="no tqdm bar (also off when stdout is not a terminal)")
     a("--dead-patience", type=COUNT, default=10, metavar="N", help="warn once a layer has been silent or "
       "saturated for N consecutive mini-batches")
     a("--stop-on-dead", action="store_true", help="exit with an error instead of that warning")
     a("--stats", action="store_true", help="with --evaluate: count spikes, synaptic operations and energy in "
-      "the same evaluation pass; print a table, write stats.json and PNG plots to --out-dir. Under torchrun "
+      "the same evaluation pass; print a table, write stats.json and PNG plots to --out-dir/stats_<tag>/. Under torchrun "
       "the counts of all ranks are summed")
     a("--time-sweep", type=STEPS, metavar="T1,T2", help="with --evaluate: Prec@1 read out after each of these "
       "numbers of time steps, in the same pass (table, stats.json, plot); a step beyond --time-steps raises "
@@ -226,6 +231,12 @@ NORMALISE = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.557, 0.549, 0.5534)),  # t
              "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))}
 TORCHVISION = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
                "cifar10": datasets.CIFAR10, "svhn": datasets.SVHN}
+SIZES = {"mnist": (60000, 10000), "fashion-mnist": (60000, 10000), "cifar10": (50000, 10000),
+         "svhn": (73257, 26032)}  # (training, test) images: --synthetic makes at most as many
+
+
+def image_shape(name):
+    return (3, 32, 32) if name in NORMALISE else (1, 28, 28)
 
 
 def get_transform(name, train):
@@ -242,8 +253,8 @@ def get_dataset(args, train):
     """The dataset (or --synthetic stand-in) with its transform, cut to the first --limit-* examples."""
     transform, limit = get_transform(args.dataset, train), args.limit_train if train else args.limit_val
     if args.synthetic:
-        shape = (3, 32, 32) if args.dataset in NORMALISE else (1, 28, 28)
-        data = datasets.FakeData(limit or (1024 if train else 256), shape, 10, transform,
+        size = min(limit, SIZES[args.dataset][not train]) if limit else 1024 if train else 256
+        data = datasets.FakeData(size, image_shape(args.dataset), 10, transform,
                                  random_offset=0 if train else 10 ** 6)  # test images differ from training
     else:
         data = _torchvision_dataset(args, train, transform)
@@ -258,15 +269,61 @@ def _torchvision_dataset(args, train, transform):
     split = dict(split="train" if train else "test") if name == "svhn" else dict(train=train)
     try:
         return cls(root, transform=transform, download=False, **split)
-    except RuntimeError:  # not there: download it
-        pass
+    except Exception as e:  # not there (a RuntimeError): download it; there but damaged: say which file
+        check_dataset_files(cls, root, train, e)
     try:
         return cls(root, transform=transform, download=True, **split)
     except Exception as e:
-        how = (f"install it with apt-get install -y dataset-fashion-mnist (Debian package dataset-fashion-mnist, "
-               f"found in {DEBIAN_FASHION_MNIST})" if name == "fashion-mnist" else
+        how = (f"install it with apt-get update && apt-get install -y dataset-fashion-mnist (as root, "
+               f"into {DEBIAN_FASHION_MNIST}), or run once with internet access" if name == "fashion-mnist" else
                f"run once with internet access, or copy torchvision's {cls.__name__} files under {root}")
         raise SystemExit(f"error: {name} is not in {root} and could not be downloaded ({first_line(e)}); {how}")
+
+
+def check_dataset_files(cls, root, train, error):
+    """After torchvision failed to read the dataset (`error`): one line naming a damaged file, if one
+    is; unless it failed because the files are not there, one line all the same."""
+    damaged = _damaged_file(cls, root, train)
+    if damaged:
+        path, why = damaged
+        again = f"decompressed anew from {DEBIAN_FASHION_MNIST}" if cls is datasets.FashionMNIST and \
+            os.path.isdir(DEBIAN_FASHION_MNIST) else "downloaded anew"
+        raise SystemExit(f"error: {path} is damaged ({why}): delete it, and the next run has it {again}")
+    if not isinstance(error, RuntimeError):
+        raise SystemExit(f"error: torchvision cannot read {cls.__name__} in {root} ({first_line(error)}); "
+                         f"delete its files there, and the next run fetches them anew")
+
+
+def _damaged_file(cls, root, train):
+    """(path, why) of a file of this split that is there but not whole, or None. (Fashion-)MNIST: the
+    size of an IDX file must be what its header says; CIFAR-10 and SVHN: torchvision's checksums."""
+    if issubclass(cls, datasets.MNIST):
+        split = "train" if train else "t10k"
+        for kind, dims in (("images", 3), ("labels", 1)):
+            path = os.path.join(root, cls.__name__, "raw", f"{split}-{kind}-idx{dims}-ubyte")
+            why = os.path.isfile(path) and _idx_damage(path, dims)
+            if why:
+                return path, why
+        return None
+    if cls is datasets.SVHN:
+        folder, files = root, [cls.split_list["train" if train else "test"][1:]]
+    else:
+        folder, files = os.path.join(root, cls.base_folder), cls.train_list + cls.test_list
+    for name, md5 in files:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not check_integrity(path, md5):
+            return path, "its checksum is not the dataset's"
+    return None
+
+
+def _idx_damage(path, dims):
+    """Why an IDX file of unsigned bytes with `dims` dimensions is damaged, or None if it is whole."""
+    with open(path, "rb") as f:
+        header = f.read(4 + 4 * dims)
+    if len(header) < 4 + 4 * dims or header[:4] != bytes((0, 0, 8, dims)):
+        return f"not an IDX file of bytes: it begins {header[:4].hex()}, not 000008{dims:02x}"
+    size, actual = 4 + 4 * dims + math.prod(struct.unpack(f">{dims}I", header[4:])), os.path.getsize(path)
+    return None if actual == size else f"{actual} bytes, where its header says {size}"
 
 
 def _unpack_debian_fashion_mnist(args):
@@ -283,6 +340,19 @@ def _unpack_debian_fashion_mnist(args):
             shutil.copyfileobj(src, dst)
         os.replace(tmp, os.path.join(raw, n))
     log(args, f"=> decompressed Fashion-MNIST from {DEBIAN_FASHION_MNIST} into {raw}")
+
+
+def check_input_memory(args, loader, device):
+    """The Poisson code makes a mini-batch's input spike trains at once, (T, B, C, H, W) in float32: a
+    lower bound of what one step takes. More than the device's memory ends in one line, before any work."""
+    images = min(loader.batch_size, len(loader.dataset))
+    need = 4 * args.time_steps * images * math.prod(image_shape(args.dataset))
+    have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
+        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise SystemExit(f"error: --time-steps {args.time_steps} with {images} images per mini-batch: their input "
+                         f"spike trains alone take {need / 2 ** 30:.3g} GiB, more than this {device.type}'s "
+                         f"{have / 2 ** 30:.3g} GiB; lower --time-steps or the batch size")
 
 
 def get_loader(args, train, device):
@@ -416,6 +486,10 @@ def fmt(m):
 LOUDER = "more time steps (--time-steps), a lower learning rate (--lr), or a larger init scale"
 
 
+class DeadLayerError(Exception):
+    """--stop-on-dead: a layer has been silent or saturated for --dead-patience mini-batches."""
+
+
 class HealthMonitor:
     """Catches a layer that is silent (rate 0) or saturated (rate 1) batch after batch.
 
@@ -453,7 +527,7 @@ class HealthMonitor:
         message = (f"{what} for {self.args.dead_patience} consecutive mini-batches (rate {rate:.3f}, epoch "
                    f"{epoch + 1}, batch {batch}){also}. It cannot learn like this; what usually helps: {remedy}")
         if self.args.stop_on_dead:
-            raise SystemExit(f"error: {message} (stopped by --stop-on-dead)")
+            raise DeadLayerError(f"{message} (--stop-on-dead)")
         log(self.args, f"WARNING: {message}", file=sys.stderr)
 
 
@@ -482,50 +556,6 @@ def evaluate_with_stats(net, loader, device, time_sweep=(), count_spikes=True, a
     return result
 
 
-def write_stats_json(result, out_dir):
-    """stats.json, strict JSON: a value that is undefined (non-finite) is written as null."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "stats.json")
-    text = json.dumps(_finite_or_none(result), indent=1, allow_nan=False)
-    atomic_write(path, lambda f: f.write(text.encode()))
-    return path
-
-
-def _finite_or_none(value):
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def save_figure(fig, path):
-    if fig is None:
-        return None
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
-    return path
-
-
-def save_stats_outputs(result, out_dir, csv_path=None):
-    """stats.json and the PNGs in out_dir; returns the text to print (tables and the files written)."""
-    text, files = [], [write_stats_json(result, out_dir)]  # creates out_dir
-    if "layers" in result:
-        text.append(stats.format_stats_table(result))
-        files.append(save_figure(stats.plot_spike_rates(result), os.path.join(out_dir, "spike_rates.png")))
-    if "time_sweep" in result:
-        sweep = result["time_sweep"]
-        text.append(stats.time_sweep_table(sweep["steps"], sweep["prec1"]))
-        files.append(save_figure(stats.plot_time_sweep(sweep["steps"], sweep["prec1"]),
-                                 os.path.join(out_dir, "time_sweep.png")))
-    if csv_path and os.path.exists(csv_path):
-        files.append(save_figure(stats.plot_training_curves(csv_path), os.path.join(out_dir, "training_curves.png")))
-    text.append("=> wrote " + ", ".join(f for f in files if f))
-    return "\n".join(text)
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -539,6 +569,15 @@ class _Given(argparse.Namespace):
         return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what cluster schedulers (and torchrun, when a process fails) send before they end a job:
+    every process stops as on Ctrl-C, with the same last words."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def main(Model, defaults, datasets=None, argv=None):
     """Parse the flags, build `Model`, then evaluate (--evaluate) or train. Returns the network."""
     parser = get_parser(sys.modules[Model.__module__].__doc__, defaults, datasets)
@@ -549,12 +588,13 @@ def main(Model, defaults, datasets=None, argv=None):
     processes(args)
     files = RunFiles(args)  # resolves --resume auto
     if args.resume:
-        check_checkpoint_exists(args.resume)
+        check_checkpoint_file(args.resume)
     if not args.evaluate and not args.resume and args.start_epoch >= args.epochs:
         parser.error(f"--start-epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}")
     check_dirs(args)
+    sigterm = signal.signal(signal.SIGTERM, _terminate)
     try:
-        if not args.evaluate and args.rank == 0:
+        if writes_files(args) and args.rank == 0:
             files.claim(args)
         device = setup(args)
         try:
@@ -562,14 +602,21 @@ def main(Model, defaults, datasets=None, argv=None):
         finally:
             if args.distributed:
                 dist.destroy_process_group()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         if args.evaluate:
-            raise SystemExit("interrupted; the evaluation wrote nothing")
+            raise SystemExit(f"{how}; the evaluation wrote nothing")
         where = f"in epoch {files.epoch}" if files.epoch else "before training began"
-        raise SystemExit(f"interrupted {where}; {files.saved()}")
-    except NonFiniteError as e:
-        raise SystemExit(f"error: {e}. Stopped; {files.saved()}")
+        raise SystemExit(f"{how} {where}; {files.saved()}")
+    except (NonFiniteError, DeadLayerError, WriteError) as e:
+        raise SystemExit(f"error: {e}" + ("" if args.evaluate else f". Stopped; {files.saved()}"))
+    except RuntimeError as e:  # gloo's and NCCL's errors when another process of the job has ended
+        if not args.distributed or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            raise
+        raise SystemExit(f"error: rank {args.rank}: another process of this torchrun job has ended ("
+                         f"{first_line(e).split('] ')[-1]}; torchrun's summary names it); {files.saved()}")
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
         files.release()
 
 
@@ -605,17 +652,23 @@ def run(Model, args, device, files=None, given=()):
                     return net
                 raise SystemExit(f"error: --resume {done}; raise --epochs to train on")
     val_loader = get_loader(args, False, device)
+    check_input_memory(args, val_loader, device)
     if args.evaluate:  # one pass: --stats and --time-sweep are measured on the spikes of the Test: line
+        if not args.resume:
+            log(args, "WARNING: --evaluate without --resume evaluates untrained weights (as initialised); "
+                "add --resume PATH to evaluate a trained network", file=sys.stderr)
         result = evaluate_with_stats(net, val_loader, device, args.time_sweep or (), args.stats, args)
         log(args, "Test: " + fmt(result["accuracy"]))
-        if (args.stats or args.time_sweep) and args.rank == 0:
-            log(args, save_stats_outputs(result, args.out_dir, files.log))
+        if writes_files(args) and args.rank == 0:
+            result.update(checkpoint=args.resume, untrained=not args.resume)
+            files.prepare(args)
+            log(args, stats.save_stats_outputs(result, files.stats_dir))
         return net
 
     train_loader = get_loader(args, True, device)
+    check_input_memory(args, train_loader, device)
     model = DistributedDataParallel(net) if args.distributed else net  # on CUDA it uses the current device
     monitor = HealthMonitor(args)
-    curves = os.path.join(args.out_dir, "training_curves.png")
     if args.rank == 0:
         files.prepare(args, start_epoch)
     for epoch in range(start_epoch, args.epochs):
@@ -635,10 +688,10 @@ def run(Model, args, device, files=None, given=()):
                 **{f"test_{k}": test[k] for k in ("loss", "ce", "prec1", "prec5")}, "seconds": round(seconds, 1),
                 **rates})
             save_checkpoint(checkpoint_state(net, optimizer, scheduler, epoch + 1, best_prec1, args), is_best, args)
-            save_figure(stats.plot_training_curves(files.log), curves)
+            stats.save_figure(stats.plot_training_curves(files.log), files.curves)
         files.saved_epoch = epoch + 1
         log(args, f"=> epoch {epoch + 1}/{args.epochs} lr {lr:.3g} {seconds:.0f} s | train {fmt(train)} | "
             f"Test: {fmt(test)} | rates " + " ".join(f"{k[5:]} {v:.3f}" for k, v in rates.items()))
-    written = [os.path.basename(p) for p in (files.checkpoint, files.best, files.log, curves) if os.path.exists(p)]
+    written = [os.path.basename(p) for p in files.own if os.path.exists(p)]
     log(args, f"=> best Prec@1 {best_prec1:.3f}; {', '.join(written)} in {args.out_dir}")
     return net

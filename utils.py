@@ -575,6 +575,7 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame):
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the data loader's workers got it too: their end is no error
     raise Terminated
 
 

@@ -4,13 +4,15 @@ import csv
 import fcntl
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import checkpoints
 import utils
-from conftest import exit_message, network, run_main
+from conftest import ROOT, exit_message, network, run_main
 
 LENET = "mnist_LeNet.py"
 FILES = ("checkpointT1_mnist1.pth.tar", "model_bestT1_mnist1.pth.tar", "log_mnist1.csv")
@@ -188,3 +190,18 @@ def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path, tiny, monkeypat
     monkeypatch.undo()
     run_main(LENET, auto)
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+
+
+def test_sigterm_to_the_whole_job_loader_workers_included_is_one_line(tmp_path, tiny):
+    """A scheduler signals every process of the job: the data loader's workers end too, which is no
+    error of its own (no traceback from the loader), only the run's last words."""
+    flags = ["-j", "2", "--time-steps", "8", "--dead-patience", "1000", "--limit-train", "60000", "--epochs", "1",
+             "-p", "5", "--out-dir", tmp_path]
+    p = subprocess.Popen([sys.executable, LENET, *tiny, *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in p.stdout:
+        if line.startswith("=> epoch 1 [10/"):  # training, its workers running
+            break
+    os.killpg(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert (p.returncode, err.strip()) == (1, "terminated (SIGTERM) in epoch 1; nothing was saved"), err

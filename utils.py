@@ -161,8 +161,8 @@ def get_parser(description, defaults, datasets=None):
       "saturated for N consecutive mini-batches")
     a("--stop-on-dead", action="store_true", help="exit with an error instead of that warning")
     a("--stats", action="store_true", help="with --evaluate: count spikes, synaptic operations and energy in "
-      "the same evaluation pass; print a table, write stats.json and PNG plots to --out-dir/stats_<tag>/. Under torchrun "
-      "the counts of all ranks are summed")
+      "the same evaluation pass; print a table, write stats.json and PNG plots to --out-dir/stats_<tag>/. Under "
+      "torchrun the counts of all ranks are summed")
     a("--time-sweep", type=STEPS, metavar="T1,T2", help="with --evaluate: Prec@1 read out after each of these "
       "numbers of time steps, in the same pass (table, stats.json, plot); a step beyond --time-steps raises "
       "--time-steps to it")

@@ -56,8 +56,8 @@ def test_two_processes_train_alike_and_save_one_resumable_checkpoint(tmp_path, t
 
     rank0, rank1 = (torch.load(weights / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
-    assert sorted(os.listdir(out)) == [".lock_mnist1", "checkpointT1_mnist1.pth.tar", "log_mnist1.csv",
-                                       "model_bestT1_mnist1.pth.tar", "training_curves_mnist1.png"]  # rank 0 alone writes
+    assert sorted(os.listdir(out)) == [".lock_mnist1", "checkpointT1_mnist1.pth.tar", "log_mnist1.csv",  # rank 0
+                                       "model_bestT1_mnist1.pth.tar", "training_curves_mnist1.png"]  # alone writes
     ckpt = torch.load(out / "checkpointT1_mnist1.pth.tar", map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["args"]["world_size"] == 2
     assert all(torch.equal(v, rank0[k]) for k, v in ckpt["state_dict"].items())  # no module. prefix

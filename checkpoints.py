@@ -11,6 +11,7 @@ import io
 import math
 import os
 import socket
+import stat
 import sys
 import tempfile
 
@@ -59,28 +60,44 @@ def check_weights_finite(state_dict, epoch, args):
 
 
 def non_finite(state):
-    """The names of the floating-point tensors in `state` that hold a NaN or an inf."""
-    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    """The names of the tensors in `state` that hold a NaN or an inf."""
+    return [k for k, v in state.items() if not all_finite(v)]
+
+
+def all_finite(t):
+    """False if a floating-point or complex tensor holds a NaN or an inf (in either part)."""
+    return not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all())
 
 
 def _some(names, most=3):
     return ", ".join(names[:most]) + (" …" if len(names) > most else "")
 
 
-def _log(args, message):
-    """A note on rank 0, as utils.log prints it (through tqdm, so that a live progress bar stays whole)."""
+def log(args, message, file=None):
+    """Print on rank 0 only, without tearing a live progress bar (the run's files, its data and its
+    loop all report through it)."""
     if args.rank == 0:
-        tqdm.write(message)
-        sys.stdout.flush()
+        tqdm.write(message, file=file or sys.stdout)
+        (file or sys.stdout).flush()
 
 
 # ----------------------------------------------------------------------------------------------
 # The atomic writer
 
+class WriteError(Exception):
+    """A file could not be written (a full disk, a file-size limit, an I/O error); the file as it was
+    is intact."""
+
+
 def atomic_write(path, write):
     """write(f) into a temp file beside `path`, fsync, then rename: a crash mid-write leaves the old
-    file intact. Used for every file a run writes (checkpoints, CSV, stats.json, plots)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    file intact. Used for every file a run writes (checkpoints, CSV, stats.json, plots). A write the
+    system refuses (ENOSPC, EFBIG, EIO, ...) is a WriteError that says so."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.",
+                                   suffix=".tmp")
+    except OSError as e:
+        raise _write_error(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -88,9 +105,24 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; follow the umask as other files do
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
-        raise
+        cause = _os_error(e)
+        if cause is None or not isinstance(e, Exception):
+            raise
+        raise _write_error(path, cause) from e
+
+
+def _os_error(e):
+    """The OSError behind `e`, or None: torch's zip writer turns a failed write into a RuntimeError."""
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _write_error(path, e):
+    kept = f"the previous {os.path.basename(path)} is intact" if os.path.exists(path) else "nothing was written there"
+    return WriteError(f"cannot write {path} ({e.strerror or e}); {kept}")
 
 
 def _umask():
@@ -101,31 +133,89 @@ def _umask():
 
 _UMASK = _umask()
 
+
 # ----------------------------------------------------------------------------------------------
 # Loading and resuming
 
-def check_checkpoint_exists(path):
-    if not os.path.isfile(path):  # never train from scratch instead, as the authors' scripts did
+NOT_A_FILE = {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISFIFO: "a named pipe",
+              stat.S_ISSOCK: "a socket"}
+
+
+def check_checkpoint_file(path):
+    """--resume PATH must name a file: never train from scratch instead, as the authors' scripts did."""
+    if os.path.isdir(path):
+        raise SystemExit(f"error: --resume {path} is a directory, not a checkpoint file: name the file (its "
+                         f"own is checkpointT1_<tag>.pth.tar), or use --out-dir {path} --resume auto")
+    if not os.path.exists(path):
         raise SystemExit(f"error: --resume {path}: no such file")
+    if not os.path.isfile(path):
+        mode = os.stat(path).st_mode
+        kind = next((name for test, name in NOT_A_FILE.items() if test(mode)), "not a regular file")
+        raise SystemExit(f"error: --resume {path} is {kind}, not a checkpoint file")
+
+
+def _number(v):
+    """A real number as a float, from a Python number or a one-element tensor (older torch saved
+    scalars as tensors); None for anything else."""
+    if torch.is_tensor(v) and v.numel() == 1 and not v.is_complex():
+        v = v.item()
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _schedule(v):
+    milestones = v.get("milestones", {}) if isinstance(v, dict) else None
+    return isinstance(milestones, dict) and all(type(m) is int and m >= 1 for m in milestones) and \
+        type(v.get("last_epoch")) is int and v["last_epoch"] >= 0
+
+
+RNG_BYTES = torch.get_rng_state().numel()
+# What each key of a checkpoint holds, where it is there at all (an authors' release has the first
+# five): validated on load, so that nonsense ends in one line instead of a traceback or a strange run
+METADATA = {
+    "epoch": ("a whole number ≥ 0", lambda v: type(v) is int and v >= 0),
+    "arch": ("a name", lambda v: isinstance(v, str)),
+    "best_prec1": ("a Prec@1 from 0 to 100", lambda v: _number(v) is not None and 0 <= _number(v) <= 100),
+    "optimizer": ("an optimizer's state_dict", lambda v: isinstance(v, dict)),
+    "scheduler": ("a schedule: last_epoch a whole number ≥ 0, milestones epochs ≥ 1", _schedule),
+    "rng_cpu": (f"a CPU generator state ({RNG_BYTES} bytes)",
+                lambda v: torch.is_tensor(v) and v.dtype == torch.uint8 and tuple(v.shape) == (RNG_BYTES,)),
+    "rng_cuda": ("None or CUDA generator states (bytes, a row per device)",
+                 lambda v: v is None or torch.is_tensor(v) and v.dtype == torch.uint8 and v.dim() == 2),
+    "args": ("the run's settings, a dict", lambda v: isinstance(v, dict)),
+}
+
+
+def check_metadata(ckpt, path):
+    for key, (what, ok) in METADATA.items():
+        if key in ckpt and not ok(ckpt[key]):
+            v = ckpt[key]
+            shown = f"a {v.dtype} tensor of shape {tuple(v.shape)}" if torch.is_tensor(v) else repr(v)[:60]
+            raise SystemExit(f"error: --resume {path}: its {key} is {shown}, not {what}")
 
 
 def load_checkpoint(path, net):
     """Load weights into `net` from one of ours or an authors' release (legacy serialization, a full
     dict or a bare state_dict, DataParallel's `module.` prefix). Returns the dict, {} if bare."""
-    check_checkpoint_exists(path)
+    check_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint must not run code
+    except OSError as e:
+        raise SystemExit(f"error: --resume {path} cannot be read ({e.strerror or e})")
     except Exception as e:
         raise SystemExit(f"error: --resume {path}: corrupt, truncated, or not loadable with weights_only=True "
                          f"({first_line(e)})")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not state or not all(torch.is_tensor(v) for v in state.values()):
         raise SystemExit(f"error: --resume {path}: holds no state_dict of tensors")
+    if "state_dict" in ckpt:
+        check_metadata(ckpt, path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = net.state_dict()
     problems = {"missing": sorted(own.keys() - state.keys()), "unexpected": sorted(state.keys() - own.keys()),
                 "shape": [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
-                          if k in own and v.shape != own[k].shape]}
+                          if k in own and v.shape != own[k].shape],
+                "dtype": [f"{k} {v.dtype}" for k, v in state.items()  # complex or integer: not real weights
+                          if k in own and own[k].is_floating_point() and not v.is_floating_point()]}
     if any(problems.values()):
         found = "; ".join(f"{kind} {_some(names)}" for kind, names in problems.items() if names)
         raise SystemExit(f"error: --resume {path} is not a {type(net).__name__} checkpoint: {found}")
@@ -142,7 +232,7 @@ def restore_training(ckpt, net, optimizer, scheduler, args, given=()):
 
     given: the flags on the command line; --lr, --lr-steps, --momentum and --wd among them replace the
     checkpoint's settings (see apply_optimizer_flags)."""
-    start_epoch = int(ckpt.get("epoch", args.start_epoch))
+    start_epoch = ckpt.get("epoch", args.start_epoch)
     try:
         if "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -156,7 +246,7 @@ def restore_training(ckpt, net, optimizer, scheduler, args, given=()):
         torch.set_rng_state(ckpt["rng_cpu"])
         if ckpt.get("rng_cuda") is not None and torch.cuda.device_count() == len(ckpt["rng_cuda"]):
             torch.cuda.set_rng_state_all(list(ckpt["rng_cuda"]))
-    return start_epoch, float(ckpt.get("best_prec1", -math.inf))
+    return start_epoch, _number(ckpt.get("best_prec1", -math.inf))
 
 
 def check_optimizer_state(net, optimizer):
@@ -168,7 +258,7 @@ def check_optimizer_state(net, optimizer):
                 continue
             if value.shape != p.shape:
                 raise ValueError(f"{key} of {name} has shape {tuple(value.shape)}, not {tuple(p.shape)}")
-            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            if not all_finite(value):
                 raise ValueError(f"{key} of {name} holds NaN or inf")
     for group in optimizer.param_groups:
         for key in ("lr", "momentum", "weight_decay"):
@@ -200,7 +290,7 @@ def apply_optimizer_flags(optimizer, scheduler, epoch, scheduled, args, given):
     if changed or not scheduled:
         set_lr_for_epoch(optimizer, scheduler, epoch, args)
     if changed:
-        _log(args, "=> note: the flags given replace the checkpoint's optimizer settings: " + ", ".join(changed))
+        log(args, "=> note: the flags given replace the checkpoint's optimizer settings: " + ", ".join(changed))
 
 
 def _plain(value):
@@ -218,6 +308,7 @@ def first_line(e):
     """An exception's message in one short line, for an error line that names the cause."""
     text = str(e).split("WeightsUnpickler error:")[-1]  # skip torch's paragraph about weights_only=False
     return ([s.strip() for s in text.splitlines() if s.strip()] or [type(e).__name__])[0].split(". ")[0][:200]
+
 
 # ----------------------------------------------------------------------------------------------
 # The CSV log
@@ -262,17 +353,27 @@ def drop_csv_rows_after(path, epoch):
 
 
 # ----------------------------------------------------------------------------------------------
-# The out-dir: a training run owns its files there
+# The out-dir: a run owns its files there
+
+STATS_FILES = ("stats.json", "spike_rates.png", "time_sweep.png")  # in stats_<tag>/
+
 
 class RunFiles:
-    """A training run's files in --out-dir: checkpointT1_<tag>.pth.tar, model_bestT1_<tag>.pth.tar,
-    log_<tag>.csv, and the lock file .lock_<tag>; and what this run has saved so far (for the truth of
+    """A run's files in --out-dir, each carrying the script's tag: training writes
+    checkpointT1_<tag>.pth.tar, model_bestT1_<tag>.pth.tar, log_<tag>.csv and training_curves_<tag>.png;
+    --evaluate --stats/--time-sweep writes stats_<tag>/ (STATS_FILES). Both hold the lock file
+    .lock_<tag> while they run; this also keeps what a training run has saved so far (for the truth of
     its last words). Rank 0 alone locks and writes."""
 
     def __init__(self, args):
         self.dir, self.tag = args.out_dir, args.tag
-        self.checkpoint, self.best, self.log = (os.path.join(args.out_dir, name) for name in (
-            f"checkpointT1_{args.tag}.pth.tar", f"model_bestT1_{args.tag}.pth.tar", f"log_{args.tag}.csv"))
+        self.checkpoint, self.best, self.log, self.curves = (os.path.join(args.out_dir, name) for name in (
+            f"checkpointT1_{args.tag}.pth.tar", f"model_bestT1_{args.tag}.pth.tar", f"log_{args.tag}.csv",
+            f"training_curves_{args.tag}.png"))
+        self.stats_dir = os.path.join(args.out_dir, f"stats_{args.tag}")
+        self.evaluates = args.evaluate
+        self.own = [os.path.join(self.stats_dir, name) for name in STATS_FILES] if args.evaluate else \
+            [self.checkpoint, self.best, self.log, self.curves]  # what this run writes
         self.auto = args.resume == "auto"
         if self.auto:  # the one command a job script can re-run after preemption
             args.resume = self.checkpoint if os.path.exists(self.checkpoint) else None
@@ -287,18 +388,20 @@ class RunFiles:
         """Lock the out-dir for this tag, refuse to start over a previous run's files, and remove the temp
         files a killed save left. One line and exit 1 on a refusal."""
         self._lock()
-        found = [p for p in (self.checkpoint, self.best, self.log) if os.path.exists(p)]
-        if found and not (self.resumes_own or args.overwrite or self._only_a_lost_epoch(args)):
-            names = ", ".join(os.path.basename(p) for p in found)
+        found = [p for p in self.own if os.path.exists(p)]
+        continues = not self.evaluates and (self.resumes_own or self._only_a_lost_epoch(args))
+        if found and not (continues or args.overwrite):
+            names = ", ".join(os.path.relpath(p, self.dir) for p in found)
             resume = f"continue it with --resume {self.checkpoint} (or --resume auto), " \
                 if self.checkpoint in found else ""
-            raise SystemExit(f"error: --out-dir {self.dir} holds a previous run's {names}: {resume}or start "
+            raise SystemExit(f"error: --out-dir {self.dir} holds a previous "
+                             f"{'evaluation' if self.evaluates else 'run'}'s {names}: {resume}or start "
                              f"over with --overwrite (deletes them), or choose another --out-dir")
-        for target in (self.checkpoint, self.best, self.log):  # atomic_write's names
+        for target in self.own:  # atomic_write's names
             folder, name = os.path.split(target)
             for tmp in glob.glob(os.path.join(glob.escape(folder or "."), glob.escape(f".{name}.") + "*.tmp")):
                 os.unlink(tmp)
-                _log(args, f"=> removed {tmp}, left by a save that was killed")
+                log(args, f"=> removed {tmp}, left by a save that was killed")
 
     def _lock(self):
         """flock on a descriptor held until release() or exit: the kernel drops it with the process, so a
@@ -310,7 +413,7 @@ class RunFiles:
         except BlockingIOError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise SystemExit(f"error: --out-dir {self.dir} is in use by another training run of {self.tag}"
+            raise SystemExit(f"error: --out-dir {self.dir} is in use by another run of {self.tag}"
                              f"{f' ({holder})' if holder else ''}; wait for it to end, or choose another --out-dir")
         except OSError as e:  # a file system without locks (some NFS): run, but say what is not guarded
             os.close(fd)
@@ -318,7 +421,8 @@ class RunFiles:
                        f"would not be refused", file=sys.stderr)
             return
         os.ftruncate(fd, 0)
-        os.write(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode())
+        what = "evaluation" if self.evaluates else "training"
+        os.write(fd, f"{what}, process {os.getpid()} on {socket.gethostname()}\n".encode())
         self.lock = fd
 
     def _only_a_lost_epoch(self, args):
@@ -328,20 +432,21 @@ class RunFiles:
         return self.auto and not os.path.exists(self.checkpoint) and not os.path.exists(self.best) and \
             [r.get("epoch") for r in rows] == [str(args.start_epoch + 1)]
 
-    def prepare(self, args, start_epoch):
-        """Just before training: --overwrite deletes the previous run's files; a resume of this directory's
-        own checkpoint (or --resume auto over a lost first epoch) drops the log rows after it."""
-        if args.overwrite and not self.resumes_own:
-            found = [p for p in (self.checkpoint, self.best, self.log) if os.path.exists(p)]
+    def prepare(self, args, start_epoch=None):
+        """Just before training or writing the stats: --overwrite deletes the previous run's files; a
+        resume of this directory's own checkpoint (or --resume auto over a lost first epoch) drops the
+        log rows after it."""
+        if args.overwrite and (self.evaluates or not self.resumes_own):
+            found = [p for p in self.own if os.path.exists(p)]
             for path in found:
                 os.unlink(path)
             if found:
-                _log(args, f"=> --overwrite: deleted {', '.join(found)}")
-        else:  # a fresh run that claim() let start has no log, or only the row of a lost first epoch
+                log(args, f"=> --overwrite: deleted {', '.join(found)}")
+        elif not self.evaluates:  # a fresh run that claim() let start has no log, or the row of a lost first epoch
             dropped = drop_csv_rows_after(self.log, start_epoch)
             if dropped:
-                _log(args, f"=> dropped epoch {', '.join(dropped)} from {self.log}: it was killed before its "
-                    f"checkpoint landed and runs again")
+                log(args, f"=> dropped epoch {', '.join(dropped)} from {self.log}: it was killed before its "
+                     f"checkpoint landed and runs again")
 
     def saved(self):
         """What this run leaves in the checkpoint, in words."""
@@ -355,10 +460,15 @@ class RunFiles:
             self.lock = None
 
 
+def writes_files(args):
+    """Whether this run writes to --out-dir: training does, and an evaluation with --stats/--time-sweep."""
+    return not args.evaluate or bool(args.stats or args.time_sweep)
+
+
 def check_dirs(args):
     """--out-dir (when this run writes there) must be a directory, or creatable, and writable; --data-dir
     (when a dataset is read) a directory, or creatable: a read-only one holding the dataset is fine."""
-    if not args.evaluate or args.stats or args.time_sweep:
+    if writes_files(args):
         _usable_dir("--out-dir", args.out_dir, write=True)
     if not args.synthetic:
         _usable_dir("--data-dir", args.data_dir, write=False)

@@ -39,7 +39,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from checkpoints import atomic_write, load_checkpoint
+from checkpoints import WriteError, atomic_write, load_checkpoint, log
 from spiking_layers import (Conv2d, Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork,
                             SpikingNeurons)
 
@@ -234,8 +234,8 @@ def write(graph, path, overwrite=False):
     _nir().write(buffer, graph)
     try:
         atomic_write(path, lambda f: f.write(buffer.getvalue()))
-    except OSError as e:
-        raise NIRError(f"{path} cannot be written ({e.strerror or e})") from None
+    except WriteError as e:  # "cannot write PATH (why); ..."
+        raise NIRError(str(e)) from None
 
 
 def read(path):
@@ -522,7 +522,6 @@ def _add(net, path, module):
 def export_checkpoint(Model, args):
     """--resume CKPT --export-nir PATH: the script's network with the checkpoint's weights, written to
     PATH as NIR; no data is read. Returns the network."""
-    from utils import log  # here: utils imports this module (lazily) for --export-nir
     net = Model(time_steps=args.time_steps, leak=args.leak, dropout=args.dropout)
     if args.resume.endswith(".nir"):
         load_into(args.resume, net)

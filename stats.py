@@ -3,16 +3,20 @@
 The paper's second claim is that a trained network computes sparsely (Lee et al. 2020, Section 4).
 `SpikeStats` counts, during an evaluation pass, every weight layer's input spikes and every neuron
 layer's spikes; `summary()` turns them into the per-sample figures of stats.json (docs/sparsity.md).
-The plots are returned as matplotlib Figures; utils.py writes them.
+The plots are matplotlib Figures; the last section writes them, and stats.json, each atomically.
 """
 import csv
+import json
 import math
+import os
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure  # no pyplot: no global backend state, renders headless (Agg)
+
+from checkpoints import atomic_write
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,7 +164,7 @@ def time_sweep_table(steps, prec1s):
 
 
 # ----------------------------------------------------------------------------------------------
-# Plots (Figures; utils.save_figure writes them)
+# Plots (Figures; save_figure below writes them)
 
 def plot_spike_rates(stats):
     """Bar chart: firing rate per step of each spiking and pooling neuron layer."""
@@ -204,3 +208,49 @@ def plot_training_curves(csv_path):
         ax.legend()
         ax.grid(alpha=0.3)
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+def write_stats_json(result, out_dir):
+    """stats.json, strict JSON: a value that is undefined (non-finite) is written as null."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "stats.json")
+    text = json.dumps(_finite_or_none(result), indent=1, allow_nan=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return path
+
+
+def _finite_or_none(value):
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def save_figure(fig, path):
+    if fig is None:
+        return None
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
+    return path
+
+
+def save_stats_outputs(result, out_dir):
+    """stats.json and the PNGs in out_dir (a run's is --out-dir/stats_<tag>); returns the text to print
+    (tables and the files written)."""
+    text, files = [], [write_stats_json(result, out_dir)]  # creates out_dir
+    if "layers" in result:
+        text.append(format_stats_table(result))
+        files.append(save_figure(plot_spike_rates(result), os.path.join(out_dir, "spike_rates.png")))
+    if "time_sweep" in result:
+        sweep = result["time_sweep"]
+        text.append(time_sweep_table(sweep["steps"], sweep["prec1"]))
+        files.append(save_figure(plot_time_sweep(sweep["steps"], sweep["prec1"]),
+                                 os.path.join(out_dir, "time_sweep.png")))
+    text.append("=> wrote " + ", ".join(f for f in files if f))
+    return "\n".join(text)

@@ -12,11 +12,9 @@ files (checkpoints, the CSV log, the out-dir it owns) are in checkpoints.py.
 import argparse
 import contextlib
 import ctypes
-import gzip
-import json
 import math
 import os
-import shutil
+import signal
 import sys
 import time
 
@@ -49,25 +47,21 @@ if "torch" not in sys.modules:
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler, Subset
-from torchvision import datasets
-from torchvision import transforms
 from tqdm import tqdm
 
+import data
 import stats
-from checkpoints import (NonFiniteError, RunFiles, append_csv, atomic_write, check_checkpoint_exists, check_dirs,
-                         check_weights_finite, checkpoint_state, diverged, first_line, load_checkpoint,
-                         restore_training, save_checkpoint, set_lr_for_epoch)
+from checkpoints import (NonFiniteError, RunFiles, WriteError, append_csv, check_checkpoint_file, check_dirs,
+                         check_weights_finite, checkpoint_state, diverged, first_line, load_checkpoint, log,
+                         restore_training, save_checkpoint, set_lr_for_epoch, writes_files)
 
 try:
     import spiking_kernels  # reads SPIKING_BACKEND
 except RuntimeError as e:  # an unknown or unavailable backend: one line, not a traceback
     raise SystemExit(f"error: {e}")
 
-DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install -y dataset-fashion-mnist
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,12 +94,15 @@ def _finite(ok, rule):
     return _checked(float, lambda x: math.isfinite(x) and ok(x), rule)
 
 
-# torch.manual_seed takes seeds below 2**64; the seed + rank (and the sampler's seed + epoch) stay below it
+# torch.manual_seed takes seeds below 2**64; the seed + rank (and the sampler's seed + epoch) stay below it.
+# Counts stay below it too: torch, Python's len() and the data loaders take no larger integer
 SEED_LIMIT = 2 ** 63
-COUNT = _checked(int, lambda n: n >= 1, "must be an integer ≥ 1")
-NATURAL = _checked(int, lambda n: n >= 0, "must be an integer ≥ 0")
+COUNT = _checked(int, lambda n: 1 <= n < SEED_LIMIT, "must be an integer ≥ 1 and below 2**63")
+NATURAL = _checked(int, lambda n: 0 <= n < SEED_LIMIT, "must be an integer ≥ 0 and below 2**63")
 SEED = _checked(int, lambda n: 0 <= n < SEED_LIMIT, "must be an integer from 0 to 2**63 - 1")
-EPOCHS = _checked(lambda s: tuple(int(e) for e in s.split(",") if e.strip()), lambda t: True, "must be like 70,100")
+EPOCHS = _checked(lambda s: tuple(int(e) for e in s.split(",") if e.strip()),
+                  lambda t: all(1 <= a < b for a, b in zip(t, t[1:] + (SEED_LIMIT,))),
+                  "must be epochs ≥ 1 in increasing order, like 70,100")
 STEPS = _checked(lambda s: tuple(sorted({int(e) for e in s.split(",") if e.strip()})), lambda t: t and t[0] >= 1,
                  "must be step counts ≥ 1, like 10,20,50,100")
 
@@ -132,8 +129,9 @@ def get_parser(description, defaults, datasets=None):
     a("--resume", metavar="PATH", help="checkpoint to start from: ours, or the authors' releases. 'auto': "
       "--out-dir's own checkpointT1_<tag>.pth.tar if there is one, else a fresh start (a command to re-run "
       "after preemption). Optimizer flags given on the command line replace the checkpoint's")
-    a("--overwrite", action="store_true", help="start a training run in an --out-dir that holds a previous "
-      "run's checkpoints or log: they are deleted when training starts; with --export-nir, replace its file")
+    a("--overwrite", action="store_true", help="start a run in an --out-dir that holds a previous run's files "
+      "of this script (checkpoints, log, curves; an evaluation's stats_<tag>/): they are deleted first; with "
+      "--export-nir, replace its file")
     a("-e", "--evaluate", action="store_true", help="evaluate on the test set and exit")
     a("-j", "--workers", type=NATURAL, default=2, metavar="N", help="data loading worker processes")
     a("--time-steps", type=COUNT, metavar="T", help="time steps per image, training and test")
@@ -155,14 +153,15 @@ def get_parser(description, defaults, datasets=None):
       "float32, as the paper computed")
     a("--deterministic", action="store_true", help="deterministic cuDNN and cuBLAS algorithms, for bit-identical "
       "reruns and resumes on one GPU (slower); without it cuDNN picks the fastest algorithm per shape")
-    a("--out-dir", default=".", metavar="DIR", help="checkpoints and the CSV log go here")
+    a("--out-dir", default=".", metavar="DIR", help="checkpoints, the CSV log and plots go here, named by the "
+      "script's tag")
     a("--no-progress", action="store_true", help="no tqdm bar (also off when stdout is not a terminal)")
     a("--dead-patience", type=COUNT, default=10, metavar="N", help="warn once a layer has been silent or "
       "saturated for N consecutive mini-batches")
     a("--stop-on-dead", action="store_true", help="exit with an error instead of that warning")
     a("--stats", action="store_true", help="with --evaluate: count spikes, synaptic operations and energy in "
-      "the same evaluation pass; print a table, write stats.json and PNG plots to --out-dir. Under torchrun "
-      "the counts of all ranks are summed")
+      "the same evaluation pass; print a table, write stats.json and PNG plots to --out-dir/stats_<tag>/. Under "
+      "torchrun the counts of all ranks are summed")
     a("--time-sweep", type=STEPS, metavar="T1,T2", help="with --evaluate: Prec@1 read out after each of these "
       "numbers of time steps, in the same pass (table, stats.json, plot); a step beyond --time-steps raises "
       "--time-steps to it")
@@ -264,107 +263,6 @@ def _cpu_has_bf16():
     except OSError:
         return None
     return None if flags is None else bool({"avx512_bf16", "amx_bf16"} & set(flags))
-
-
-def log(args, message, file=None):
-    """Print on rank 0 only, without tearing a live progress bar."""
-    if args.rank == 0:
-        tqdm.write(message, file=file or sys.stdout)
-        (file or sys.stdout).flush()
-
-
-# ----------------------------------------------------------------------------------------------
-# Data
-
-NORMALISE = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.557, 0.549, 0.5534)),  # the authors' values
-             "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))}
-TORCHVISION = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
-               "cifar10": datasets.CIFAR10, "svhn": datasets.SVHN}
-
-
-def get_transform(name, train):
-    if name not in NORMALISE:  # (Fashion-)MNIST: ToTensor only; the Poisson code reads intensities
-        return transforms.ToTensor()
-    augment = [transforms.RandomCrop(32, padding=4)]
-    if name == "cifar10":
-        augment.append(transforms.RandomHorizontalFlip())
-    tensor = [transforms.ToTensor(), transforms.Normalize(*NORMALISE[name])]
-    return transforms.Compose((augment if train else []) + tensor)
-
-
-def get_dataset(args, train):
-    """The dataset (or --synthetic stand-in) with its transform, cut to the first --limit-* examples."""
-    transform, limit = get_transform(args.dataset, train), args.limit_train if train else args.limit_val
-    if args.synthetic:
-        shape = (3, 32, 32) if args.dataset in NORMALISE else (1, 28, 28)
-        data = datasets.FakeData(limit or (1024 if train else 256), shape, 10, transform,
-                                 random_offset=0 if train else 10 ** 6)  # test images differ from training
-    else:  # under torchrun, one process per node downloads; the others wait for it, then read
-        first = not args.distributed or int(os.environ.get("LOCAL_RANK", 0)) == 0
-        with _after_the_node_first(args, first):
-            data = _torchvision_dataset(args, train, transform, download=first)
-    return Subset(data, range(min(limit, len(data)))) if limit else data
-
-
-@contextlib.contextmanager
-def _after_the_node_first(args, first):
-    """Under torchrun, the block runs in the node's first process (LOCAL_RANK 0) before the others:
-    they wait at a barrier that it reaches when done (or failed), so no two write the same files."""
-    if args.distributed and not first:
-        dist.barrier()
-    try:
-        yield
-    finally:
-        if args.distributed and first:
-            dist.barrier()
-
-
-def _torchvision_dataset(args, train, transform, download=True):
-    name, root = args.dataset, args.data_dir
-    if name == "fashion-mnist":
-        _unpack_debian_fashion_mnist(args)
-    cls = TORCHVISION[name]
-    split = dict(split="train" if train else "test") if name == "svhn" else dict(train=train)
-    try:
-        return cls(root, transform=transform, download=False, **split)
-    except RuntimeError as e:  # not there: download it (unless another process of this node just tried)
-        missing = e
-    try:
-        if not download:
-            raise missing
-        return cls(root, transform=transform, download=True, **split)
-    except Exception as e:
-        how = (f"install it with apt-get install -y dataset-fashion-mnist (Debian package dataset-fashion-mnist, "
-               f"found in {DEBIAN_FASHION_MNIST})" if name == "fashion-mnist" else
-               f"run once with internet access, or copy torchvision's {cls.__name__} files under {root}")
-        raise SystemExit(f"error: {name} is not in {root} and could not be downloaded ({first_line(e)}); {how}")
-
-
-def _unpack_debian_fashion_mnist(args):
-    """torchvision reads decompressed IDX files from <root>/FashionMNIST/raw; Debian ships them gzipped."""
-    raw = os.path.join(args.data_dir, "FashionMNIST", "raw")
-    names = [f"{s}-{k}-idx{d}-ubyte" for s in ("train", "t10k") for k, d in (("images", 3), ("labels", 1))]
-    missing = [n for n in names if not os.path.exists(os.path.join(raw, n))]
-    if not missing or not all(os.path.exists(os.path.join(DEBIAN_FASHION_MNIST, n + ".gz")) for n in missing):
-        return
-    os.makedirs(raw, exist_ok=True)
-    for n in missing:  # through a temp file: torchrun's processes may all do this at once
-        tmp = os.path.join(raw, f".{n}.{os.getpid()}")
-        with gzip.open(os.path.join(DEBIAN_FASHION_MNIST, n + ".gz")) as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, os.path.join(raw, n))
-    log(args, f"=> decompressed Fashion-MNIST from {DEBIAN_FASHION_MNIST} into {raw}")
-
-
-def get_loader(args, train, device):
-    data, sampler = get_dataset(args, train), None
-    if args.distributed and train:
-        sampler = DistributedSampler(data, shuffle=True, seed=args.seed)
-    elif args.distributed:  # a strided share: DistributedSampler would pad, counting some images twice
-        data = Subset(data, range(args.rank, len(data), args.world_size))
-    return DataLoader(data, batch_size=args.batch_size if train else args.test_batch_size,
-                      shuffle=train and sampler is None, sampler=sampler, num_workers=args.workers,
-                      pin_memory=device.type == "cuda")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -496,6 +394,10 @@ def fmt(m):
 LOUDER = "more time steps (--time-steps), a lower learning rate (--lr), or a larger init scale"
 
 
+class DeadLayerError(Exception):
+    """--stop-on-dead: a layer has been silent or saturated for --dead-patience mini-batches."""
+
+
 class HealthMonitor:
     """Catches a layer that is silent (rate 0) or saturated (rate 1) batch after batch.
 
@@ -533,7 +435,7 @@ class HealthMonitor:
         message = (f"{what} for {self.args.dead_patience} consecutive mini-batches (rate {rate:.3f}, epoch "
                    f"{epoch + 1}, batch {batch}){also}. It cannot learn like this; what usually helps: {remedy}")
         if self.args.stop_on_dead:
-            raise SystemExit(f"error: {message} (stopped by --stop-on-dead)")
+            raise DeadLayerError(f"{message} (--stop-on-dead)")
         log(self.args, f"WARNING: {message}", file=sys.stderr)
 
 
@@ -562,50 +464,6 @@ def evaluate_with_stats(net, loader, device, time_sweep=(), count_spikes=True, a
     return result
 
 
-def write_stats_json(result, out_dir):
-    """stats.json, strict JSON: a value that is undefined (non-finite) is written as null."""
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "stats.json")
-    text = json.dumps(_finite_or_none(result), indent=1, allow_nan=False)
-    atomic_write(path, lambda f: f.write(text.encode()))
-    return path
-
-
-def _finite_or_none(value):
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def save_figure(fig, path):
-    if fig is None:
-        return None
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
-    return path
-
-
-def save_stats_outputs(result, out_dir, csv_path=None):
-    """stats.json and the PNGs in out_dir; returns the text to print (tables and the files written)."""
-    text, files = [], [write_stats_json(result, out_dir)]  # creates out_dir
-    if "layers" in result:
-        text.append(stats.format_stats_table(result))
-        files.append(save_figure(stats.plot_spike_rates(result), os.path.join(out_dir, "spike_rates.png")))
-    if "time_sweep" in result:
-        sweep = result["time_sweep"]
-        text.append(stats.time_sweep_table(sweep["steps"], sweep["prec1"]))
-        files.append(save_figure(stats.plot_time_sweep(sweep["steps"], sweep["prec1"]),
-                                 os.path.join(out_dir, "time_sweep.png")))
-    if csv_path and os.path.exists(csv_path):
-        files.append(save_figure(stats.plot_training_curves(csv_path), os.path.join(out_dir, "training_curves.png")))
-    text.append("=> wrote " + ", ".join(f for f in files if f))
-    return "\n".join(text)
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -619,6 +477,16 @@ class _Given(argparse.Namespace):
         return None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what cluster schedulers (and torchrun, when a process fails) send before they end a job:
+    every process stops as on Ctrl-C, with the same last words."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the data loader's workers got it too: their end is no error
+    raise Terminated
+
+
 def main(Model, defaults, datasets=None, argv=None):
     """Parse the flags, build `Model`, then evaluate (--evaluate) or train. Returns the network."""
     parser = get_parser(sys.modules[Model.__module__].__doc__, defaults, datasets)
@@ -629,7 +497,7 @@ def main(Model, defaults, datasets=None, argv=None):
     processes(args)
     files = RunFiles(args)  # resolves --resume auto
     if args.resume:
-        check_checkpoint_exists(args.resume)
+        check_checkpoint_file(args.resume)
     if args.nir_on_off and not args.export_nir:
         parser.error("--nir-on-off is a form of --export-nir PATH: add it")
     if args.export_nir:  # like --evaluate, without data
@@ -640,8 +508,9 @@ def main(Model, defaults, datasets=None, argv=None):
     if not args.evaluate and not args.resume and args.start_epoch >= args.epochs:
         parser.error(f"--start-epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}")
     check_dirs(args)
+    sigterm = signal.signal(signal.SIGTERM, _terminate)
     try:
-        if not args.evaluate and args.rank == 0:
+        if writes_files(args) and args.rank == 0:
             files.claim(args)
         device = setup(args)
         try:
@@ -649,14 +518,21 @@ def main(Model, defaults, datasets=None, argv=None):
         finally:
             if args.distributed:
                 dist.destroy_process_group()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         if args.evaluate:
-            raise SystemExit("interrupted; the evaluation wrote nothing")
+            raise SystemExit(f"{how}; the evaluation wrote nothing")
         where = f"in epoch {files.epoch}" if files.epoch else "before training began"
-        raise SystemExit(f"interrupted {where}; {files.saved()}")
-    except NonFiniteError as e:
-        raise SystemExit(f"error: {e}. Stopped; {files.saved()}")
+        raise SystemExit(f"{how} {where}; {files.saved()}")
+    except (NonFiniteError, DeadLayerError, WriteError) as e:
+        raise SystemExit(f"error: {e}" + ("" if args.evaluate else f". Stopped; {files.saved()}"))
+    except RuntimeError as e:  # gloo's and NCCL's errors when another process of the job has ended
+        if not args.distributed or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            raise
+        raise SystemExit(f"error: rank {args.rank}: another process of this torchrun job has ended ("
+                         f"{first_line(e).split('] ')[-1]}; torchrun's summary names it); {files.saved()}")
     finally:
+        signal.signal(signal.SIGTERM, sigterm)
         files.release()
 
 
@@ -695,18 +571,24 @@ def run(Model, args, device, files=None, given=()):
                     log(args, f"=> {done}")
                     return net
                 raise SystemExit(f"error: --resume {done}; raise --epochs to train on")
-    val_loader = get_loader(args, False, device)
+    val_loader = data.get_loader(args, False, device)
+    data.check_input_memory(args, val_loader, device)
     if args.evaluate:  # one pass: --stats and --time-sweep are measured on the spikes of the Test: line
+        if not args.resume:
+            log(args, "WARNING: --evaluate without --resume evaluates untrained weights (as initialised); "
+                "add --resume PATH to evaluate a trained network", file=sys.stderr)
         result = evaluate_with_stats(net, val_loader, device, args.time_sweep or (), args.stats, args)
         log(args, "Test: " + fmt(result["accuracy"]))
-        if (args.stats or args.time_sweep) and args.rank == 0:
-            log(args, save_stats_outputs(result, args.out_dir, files.log))
+        if writes_files(args) and args.rank == 0:
+            result.update(checkpoint=args.resume, untrained=not args.resume)
+            files.prepare(args)
+            log(args, stats.save_stats_outputs(result, files.stats_dir))
         return net
 
-    train_loader = get_loader(args, True, device)
+    train_loader = data.get_loader(args, True, device)
+    data.check_input_memory(args, train_loader, device)
     model = DistributedDataParallel(net) if args.distributed else net  # on CUDA it uses the current device
     monitor = HealthMonitor(args)
-    curves = os.path.join(args.out_dir, "training_curves.png")
     if args.rank == 0:
         files.prepare(args, start_epoch)
     for epoch in range(start_epoch, args.epochs):
@@ -726,10 +608,10 @@ def run(Model, args, device, files=None, given=()):
                 **{f"test_{k}": test[k] for k in ("loss", "ce", "prec1", "prec5")}, "seconds": round(seconds, 1),
                 **rates})
             save_checkpoint(checkpoint_state(net, optimizer, scheduler, epoch + 1, best_prec1, args), is_best, args)
-            save_figure(stats.plot_training_curves(files.log), curves)
+            stats.save_figure(stats.plot_training_curves(files.log), files.curves)
         files.saved_epoch = epoch + 1
         log(args, f"=> epoch {epoch + 1}/{args.epochs} lr {lr:.3g} {seconds:.0f} s | train {fmt(train)} | "
             f"Test: {fmt(test)} | rates " + " ".join(f"{k[5:]} {v:.3f}" for k, v in rates.items()))
-    written = [os.path.basename(p) for p in (files.checkpoint, files.best, files.log, curves) if os.path.exists(p)]
+    written = [os.path.basename(p) for p in files.own if os.path.exists(p)]
     log(args, f"=> best Prec@1 {best_prec1:.3f}; {', '.join(written)} in {args.out_dir}")
     return net

@@ -27,7 +27,7 @@ import torch
 
 import harness
 import checkpoints
-import utils
+import data
 from cifar10_ResNet11 import ResNet11
 from cifar10_VGG9 import VGG9
 from mnist_LeNet import LeNet
@@ -44,7 +44,7 @@ def sizes(name, device):
 
 def fashion_mnist_images(n):
     """The first n Fashion-MNIST test images, read straight from the Debian package."""
-    path = os.path.join(utils.DEBIAN_FASHION_MNIST, "t10k-images-idx3-ubyte.gz")
+    path = os.path.join(data.DEBIAN_FASHION_MNIST, "t10k-images-idx3-ubyte.gz")
     if not os.path.exists(path):
         raise SystemExit(f"error: {path} not found; install it with apt-get install -y dataset-fashion-mnist")
     with gzip.open(path) as f:

@@ -79,12 +79,12 @@ def signed_spikes(shape, rate=0.3, seed=0, device="cpu"):
 @pytest.fixture
 def fashion_mnist():
     """Skips a test that needs Fashion-MNIST where it is not installed; fails it in CI, which installs it."""
-    import utils
-    if not os.path.isdir(utils.DEBIAN_FASHION_MNIST):
+    import data
+    if not os.path.isdir(data.DEBIAN_FASHION_MNIST):
         if os.environ.get("CI"):
             pytest.fail("Fashion-MNIST is missing: apt-get install -y dataset-fashion-mnist")
         pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
-    return utils.DEBIAN_FASHION_MNIST
+    return data.DEBIAN_FASHION_MNIST
 
 
 @pytest.fixture

@@ -110,6 +110,88 @@ def test_missing_checkpoint_never_trains_from_scratch(tmp_path, tiny):
     assert code == 1 and "no such file" in message and os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("kind", ["directory", "device"])
+def test_resume_of_what_is_not_a_file_says_what_it_is(kind, tmp_path, tiny):
+    path, what = (tmp_path, "is a directory, not a checkpoint file") if kind == "directory" else \
+        ("/dev/null", "is a character device, not a checkpoint file")
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", *tiny])
+    assert code == 1 and message.startswith(f"error: --resume {path} {what}"), message
+    if kind == "directory":
+        assert f"--out-dir {path} --resume auto" in message
+
+
+def lenet_checkpoint(path, **keys):
+    net = network("mnist_LeNet.py", time_steps=2)[0]
+    torch.save({"epoch": 1, "arch": "LeNet", "state_dict": net.state_dict(), "best_prec1": 50.0, **keys}, path)
+    return net
+
+
+@pytest.mark.parametrize("key,value,what", [
+    ("epoch", -4, "a whole number ≥ 0"), ("epoch", "3", "a whole number ≥ 0"), ("epoch", 2.0, "a whole number"),
+    ("epoch", True, "a whole number"), ("best_prec1", float("nan"), "a Prec@1 from 0 to 100"),
+    ("best_prec1", "high", "a Prec@1"), ("best_prec1", 150.0, "a Prec@1"), ("best_prec1", torch.ones(3), "a Prec@1"),
+    ("args", ["lr", 0.1], "a dict"), ("optimizer", [], "an optimizer's state_dict"), ("arch", 9, "a name"),
+    ("scheduler", {"last_epoch": "1", "milestones": {}}, "a schedule"),
+    ("scheduler", {"last_epoch": 1, "milestones": {0: 1}}, "a schedule"),
+    ("rng_cpu", torch.zeros(10, dtype=torch.uint8), "a CPU generator state"),
+    ("rng_cpu", torch.get_rng_state().float(), "a CPU generator state"),
+    ("rng_cuda", torch.zeros(16), "None or CUDA generator states")])
+def test_checkpoint_metadata_is_validated(key, value, what, tmp_path):
+    """Each key a checkpoint may hold is checked as a class on load: one line naming the key, the value
+    and what it must be; never a traceback later, a run of epochs -4…3, or a best model never written."""
+    path = tmp_path / "odd.pth.tar"
+    net = lenet_checkpoint(path, **{key: value})
+    with pytest.raises(SystemExit) as e:
+        checkpoints.load_checkpoint(str(path), net)
+    assert str(e.value).startswith(f"error: --resume {path}: its {key} is ") and what in str(e.value), e.value
+
+
+def test_checkpoint_metadata_of_the_authors_and_ours_passes(tmp_path):
+    path = tmp_path / "ok.pth.tar"
+    net = lenet_checkpoint(path, best_prec1=torch.tensor(98.5), rng_cpu=torch.get_rng_state(), rng_cuda=None,
+                           scheduler={"last_epoch": 1, "milestones": collections.Counter([70, 100])}, args={})
+    assert checkpoints.load_checkpoint(str(path), net)["epoch"] == 1
+
+
+def test_complex_tensors_are_neither_weights_nor_finite_by_default(tmp_path, tiny):
+    """A complex weight would lose its imaginary part on load; a NaN in either part is non-finite."""
+    net = network("mnist_LeNet.py", time_steps=2)[0]
+    state = net.state_dict()
+    state["fc1.weight"] = torch.complex(state["fc1.weight"], torch.zeros_like(state["fc1.weight"]))
+    path = tmp_path / "complex.pth.tar"
+    torch.save({"epoch": 1, "best_prec1": 5.0, "state_dict": state}, path)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", *tiny])
+    assert code == 1 and "is not a LeNet checkpoint: dtype fc1.weight torch.complex64" in message
+    nan = torch.tensor([1 + 1j, complex(0, float("nan"))])
+    assert checkpoints.non_finite({"w": nan, "v": torch.ones(2, dtype=torch.complex64)}) == ["w"]
+    assert not checkpoints.all_finite(nan) and checkpoints.all_finite(torch.arange(3))
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny):
+    """RLIMIT_FSIZE stands in for a full disk: the write fails (EFBIG, as ENOSPC would) inside torch's
+    zip writer. One line says which file, that the previous one is intact, and how to continue."""
+    resource = pytest.importorskip("resource", reason="RLIMIT_FSIZE needs the resource module (Unix)")
+    run_main("mnist_LeNet.py", [*tiny, "--epochs", "1", "--out-dir", tmp_path])
+    checkpoint, best = tmp_path / "checkpointT1_mnist1.pth.tar", tmp_path / "model_bestT1_mnist1.pth.tar"
+    before = checkpoint.read_bytes()
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:  # room for the log, not for a checkpoint (2 MB)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, limit[1]))
+    except (ValueError, OSError) as e:
+        pytest.skip(f"this machine does not let a process lower RLIMIT_FSIZE ({e})")
+    try:
+        code, message = exit_message("mnist_LeNet.py", [*tiny, "--epochs", "2", "--out-dir", tmp_path, "--resume",
+                                                        "auto"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    target = best if message.startswith(f"error: cannot write {best}") else checkpoint
+    assert code == 1 and message.startswith(f"error: cannot write {target} (File too large); the previous "
+                                            f"{target.name} is intact. Stopped; {checkpoint} holds epoch 1: "
+                                            f"continue with --resume {checkpoint}"), message
+    assert checkpoint.read_bytes() == before and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    run_main("mnist_LeNet.py", [*tiny, "--epochs", "2", "--out-dir", tmp_path, "--resume", "auto"])
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+
 @pytest.mark.parametrize("damage", ["random bytes", "truncated", "empty"])
 def test_corrupt_checkpoint(damage, tmp_path, tiny):
     good, bad = tmp_path / "good.pth.tar", tmp_path / "bad.pth.tar"

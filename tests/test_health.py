@@ -58,7 +58,7 @@ def test_each_layer_is_reported_once_per_run(capsys):
 
 def test_stop_on_dead_raises_one_line(capsys):
     m = monitor(patience=1, stop=True)
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(utils.DeadLayerError) as e:
         m.check({"cnn1": 0.0, "output": 0.0}, epoch=0, batch=1)
     assert "layer cnn1" in str(e.value) and "--stop-on-dead" in str(e.value) and "\n" not in str(e.value)
 
@@ -130,7 +130,7 @@ def test_silent_network_warns_in_its_first_epoch(silent_lenet, run_script, tiny,
 def test_stop_on_dead_exits_with_one_line(silent_lenet, run_script, tiny, tmp_path, clean_error):
     p = run_script("mnist_LeNet.py", "--resume", silent_lenet, *tiny, "--limit-train", "192", "--epochs", "5",
                    "--stop-on-dead", "--out-dir", tmp_path)
-    clean_error(p, "layer cnn1 has been silent", "--stop-on-dead")
+    clean_error(p, "layer cnn1 has been silent", "--stop-on-dead", "Stopped; nothing was saved")
     assert "=> epoch 1/5" not in p.stdout  # it stopped within the epoch
 
 

@@ -1,13 +1,17 @@
 """A training run owns its --out-dir: no second run starts over a finished one's files or beside a live
 one, --resume auto re-runs after a kill, a kill at any point loses no epoch, and the last words are true."""
 import csv
+import fcntl
+import os
+import signal
+import subprocess
+import sys
 
-import pytest
 import torch
 
 import checkpoints
 import utils
-from conftest import exit_message, network, run_main
+from conftest import ROOT, exit_message, network, run_main
 
 LENET = "mnist_LeNet.py"
 FILES = ("checkpointT1_mnist1.pth.tar", "model_bestT1_mnist1.pth.tar", "log_mnist1.csv")
@@ -25,7 +29,7 @@ def contents(out):
 def test_a_fresh_run_over_a_previous_one_is_refused_until_overwrite(tmp_path, tiny, capsys):
     run_main(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path])
     assert capsys.readouterr().out.splitlines()[-1].endswith(
-        f"; {', '.join(FILES)}, training_curves.png in {tmp_path}")  # the final line names the files written
+        f"; {', '.join(FILES)}, training_curves_mnist1.png in {tmp_path}")  # the final line names the files written
     before = contents(tmp_path)
 
     code, message = exit_message(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path])
@@ -71,7 +75,7 @@ def test_a_second_run_beside_a_live_one_is_refused(tmp_path, tiny, monkeypatch):
     monkeypatch.setattr(utils, "train_one_epoch", train_and_start_another)
     run_main(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path])
     (code, message), = second
-    assert code == 1 and f"--out-dir {tmp_path} is in use by another training run of mnist1 (process " in message
+    assert code == 1 and f"--out-dir {tmp_path} is in use by another run of mnist1 (training, process " in message
     assert (tmp_path / ".lock_mnist1").exists()
     monkeypatch.undo()
     run_main(LENET, [*tiny, "--epochs", "2", "--out-dir", tmp_path, "--resume", "auto"])  # the stale file is no lock
@@ -140,3 +144,63 @@ def test_interrupted_evaluation_says_it_wrote_nothing(tmp_path, tiny, monkeypatc
     code, message = exit_message(LENET, [*tiny, "--resume", path, "-e", "--stats", "--out-dir", tmp_path / "s"])
     assert (code, message) == (1, "interrupted; the evaluation wrote nothing")
     assert not (tmp_path / "s" / "stats.json").exists()
+
+
+def test_every_file_carries_the_tag_and_the_lock_covers_the_evaluation_too(tmp_path, tiny):
+    """Training writes training_curves_<tag>.png beside its checkpoints; --evaluate --stats writes
+    stats_<tag>/, under the same lock, and is refused over a previous evaluation's files, as a training run
+    is over a previous run's (its curves alone included)."""
+    run_main(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path])
+    assert sorted(contents(tmp_path)) == sorted([*FILES, "training_curves_mnist1.png"])
+    evaluate = [*tiny, "--resume", tmp_path / FILES[0], "-e", "--stats", "--out-dir", tmp_path]
+    with open(tmp_path / ".lock_mnist1") as held:  # another run of the tag, live
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code, message = exit_message(LENET, evaluate)
+    assert code == 1 and f"--out-dir {tmp_path} is in use by another run of mnist1" in message
+    run_main(LENET, evaluate)
+    assert sorted(os.listdir(tmp_path / "stats_mnist1")) == ["spike_rates.png", "stats.json"]
+    code, message = exit_message(LENET, evaluate)
+    assert code == 1 and "holds a previous evaluation's stats_mnist1/stats.json, stats_mnist1/spike_rates.png" \
+        in message and "--overwrite" in message
+    run_main(LENET, [*evaluate, "--overwrite"])
+    for name in FILES:
+        os.unlink(tmp_path / name)
+    code, message = exit_message(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path])
+    assert code == 1 and "holds a previous run's training_curves_mnist1.png" in message
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_run_resumes(tmp_path, tiny, monkeypatch):
+    """What a cluster scheduler sends before it preempts a job: the same last words as Ctrl-C, the
+    handler given back afterwards, and --resume auto goes on from the last checkpoint."""
+    run_main(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path])
+    validate = utils.validate
+
+    def preempted(*args, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return validate(*args, **kw)
+
+    monkeypatch.setattr(utils, "validate", preempted)
+    auto = [*tiny, "--epochs", "2", "--out-dir", tmp_path, "--resume", "auto"]
+    checkpoint = tmp_path / FILES[0]
+    before = signal.getsignal(signal.SIGTERM)
+    assert exit_message(LENET, auto) == (1, f"terminated (SIGTERM) in epoch 2; {checkpoint} holds epoch 1: "
+                                            f"continue with --resume {checkpoint}")
+    assert signal.getsignal(signal.SIGTERM) == before
+    monkeypatch.undo()
+    run_main(LENET, auto)
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+
+
+def test_sigterm_to_the_whole_job_loader_workers_included_is_one_line(tmp_path, tiny):
+    """A scheduler signals every process of the job: the data loader's workers end too, which is no
+    error of its own (no traceback from the loader), only the run's last words."""
+    flags = ["-j", "2", "--time-steps", "8", "--dead-patience", "1000", "--limit-train", "60000", "--epochs", "1",
+             "-p", "5", "--out-dir", tmp_path]
+    p = subprocess.Popen([sys.executable, LENET, *tiny, *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    for line in p.stdout:
+        if line.startswith("=> epoch 1 [10/"):  # training, its workers running
+            break
+    os.killpg(p.pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert (p.returncode, err.strip()) == (1, "terminated (SIGTERM) in epoch 1; nothing was saved"), err

@@ -1,8 +1,11 @@
 """The four paper scripts: their networks (the paper's architectures), their command line, and end-to-end runs."""
 import argparse
 import csv
+import gzip
+import math
 import os
 import re
+import struct
 import subprocess
 import sys
 
@@ -10,8 +13,9 @@ import pytest
 import torch
 
 import checkpoints
+import data
 import utils
-from conftest import NETWORKS, SCRIPTS, TAGS, network
+from conftest import NETWORKS, SCRIPTS, TAGS, exit_message, network
 
 # ----------------------------------------------------------------------------------------------
 # Networks
@@ -87,7 +91,12 @@ def test_parser_uses_the_scripts_defaults():
     ("--momentum", "1", "--momentum"), ("--leak", "nan", "--leak"), ("--dropout", "nan", "--dropout"),
     ("--workers", "-1", "--workers: must be an integer ≥ 0"), ("--seed", "99999999999999999999999", "--seed"),
     ("--seed", "-1", "--seed"), ("--epochs", "0", "--epochs: must be an integer ≥ 1"), ("--epochs", "-1", "--epochs"),
-    ("--start-epoch", "-5", "--start-epoch: must be an integer ≥ 0")])
+    ("--start-epoch", "-5", "--start-epoch: must be an integer ≥ 0"),
+    # the LR steps: epochs ≥ 1, each after the one before (-5 or 0: epoch 1 at ×0.2; 1,1: ×0.04 at once)
+    *[("--lr-steps", v, "--lr-steps: must be epochs ≥ 1 in increasing order") for v in ("-5", "0", "1,1", "100,70")],
+    # counts Python's len() and torch can hold
+    ("--limit-train", "100000000000000000000", "--limit-train: must be an integer ≥ 1 and below 2**63"),
+    ("--limit-val", "1e20", "--limit-val"), ("--time-steps", str(2 ** 63), "--time-steps")])
 def test_bad_settings_are_rejected_in_one_line(flag, value, phrase, capsys):
     import mnist_LeNet
     with pytest.raises(SystemExit) as e:
@@ -95,6 +104,15 @@ def test_bad_settings_are_rejected_in_one_line(flag, value, phrase, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and phrase in err, err
+
+
+@pytest.mark.parametrize("work", [["-e"], ["--epochs", "1"]])
+def test_time_steps_beyond_memory_are_one_line_before_any_work(work, tiny, tmp_path):
+    """--time-steps 10**9: the input spike trains of one mini-batch alone would take 47,000 GiB."""
+    code, message = exit_message("mnist_LeNet.py", [*tiny, *work, "--time-steps", "1000000000", "--out-dir", tmp_path])
+    assert code == 1 and message.startswith("error: --time-steps 1000000000 with 16 images per mini-batch: their "
+                                            "input spike trains alone take 4.67e+04 GiB, more than this cpu's ")
+    assert message.endswith("; lower --time-steps or the batch size") and not (tmp_path / "log_mnist1.csv").exists()
 
 
 def test_a_start_epoch_with_nothing_to_train_is_rejected(capsys):
@@ -153,7 +171,7 @@ def test_absent_fashion_mnist_names_the_debian_package(monkeypatch, offline, tmp
     import mnist_LeNet
     for k, v in offline.items():
         monkeypatch.setenv(k, v)
-    monkeypatch.setattr(utils, "DEBIAN_FASHION_MNIST", str(tmp_path / "not-installed"))
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "not-installed"))
     with pytest.raises(SystemExit) as e:
         utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, ("mnist", "fashion-mnist"),
                    argv=["--dataset", "fashion-mnist", "--data-dir", str(tmp_path), "-e", "--device", "cpu"])
@@ -165,11 +183,39 @@ def test_fashion_mnist_is_found_in_the_debian_package(tmp_path, capsys, fashion_
     args = utils.get_parser("", {**mnist_LeNet.DEFAULTS, "dataset": "fashion-mnist"}).parse_args(
         ["--data-dir", str(tmp_path), "--limit-val", "5"])
     utils.processes(args)  # rank 0 of one process
-    data = utils.get_dataset(args, train=False)
+    found = data.get_dataset(args, train=False)
     assert "=> decompressed Fashion-MNIST" in capsys.readouterr().out
-    assert len(data) == 5 and len(data.dataset) == 10000
+    assert len(found) == 5 and len(found.dataset) == 10000
     assert sorted(os.listdir(tmp_path / "FashionMNIST" / "raw")) == [
         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+
+
+def idx_file(path, *shape):
+    path.write_bytes(bytes((0, 0, 8, len(shape))) + struct.pack(f">{len(shape)}I", *shape) + bytes(math.prod(shape)))
+
+
+@pytest.mark.parametrize("damage", ["gzipped", "random bytes", "truncated"])
+def test_a_damaged_dataset_file_is_named_with_the_way_on(damage, tmp_path):
+    """torchvision reads any bytes of the right name: an AssertionError, or a RuntimeError taken for a
+    missing dataset ("could not be downloaded"). The size of an IDX file must match its header."""
+    import mnist_LeNet
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split in ("train", "t10k"):
+        idx_file(raw / f"{split}-images-idx3-ubyte", 4, 28, 28)
+        idx_file(raw / f"{split}-labels-idx1-ubyte", 4)
+    args = utils.get_parser("", mnist_LeNet.DEFAULTS).parse_args(["--data-dir", str(tmp_path)])
+    utils.processes(args)  # rank 0 of one process
+    assert len(data.get_dataset(args, train=False)) == 4  # whole files load
+    images = raw / "t10k-images-idx3-ubyte"
+    whole = images.read_bytes()
+    images.write_bytes({"gzipped": gzip.compress(whole), "random bytes": b"\x7f" + os.urandom(3000),
+                        "truncated": whole[:2000]}[damage])
+    with pytest.raises(SystemExit) as e:
+        data.get_dataset(args, train=False)
+    why = "2000 bytes, where its header says 3152" if damage == "truncated" else "not an IDX file of bytes"
+    assert str(e.value).startswith(f"error: {images} is damaged ({why}") and "\n" not in str(e.value)
+    assert str(e.value).endswith("delete it, and the next run has it downloaded anew")
 
 
 def test_synthetic_data_is_deterministic_and_shaped_like_the_dataset():
@@ -177,7 +223,7 @@ def test_synthetic_data_is_deterministic_and_shaped_like_the_dataset():
     for name, shape in (("mnist", (1, 28, 28)), ("cifar10", (3, 32, 32)), ("svhn", (3, 32, 32))):
         args = utils.get_parser("", {**mnist_LeNet.DEFAULTS, "dataset": name}).parse_args(["--synthetic",
                                                                                            "--limit-val", "4"])
-        a, b = utils.get_dataset(args, train=False), utils.get_dataset(args, train=False)
+        a, b = data.get_dataset(args, train=False), data.get_dataset(args, train=False)
         assert len(a) == 4 and a[0][0].shape == shape and torch.equal(a[3][0], b[3][0]) and 0 <= a[3][1] < 10
 
 
@@ -225,7 +271,7 @@ def test_amp_on_a_cpu_without_bf16_is_flagged(tiny, tmp_path, monkeypatch, capsy
     import mnist_LeNet
     monkeypatch.setattr(utils, "_cpu_has_bf16", lambda: False)
     utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=[*tiny, "--amp", "-e"])
-    (line,) = [s for s in capsys.readouterr().err.splitlines() if s.startswith("WARNING")]
+    (line,) = [s for s in capsys.readouterr().err.splitlines() if s.startswith("WARNING: --amp")]  # -e: untrained too
     assert "--amp" in line and "bfloat16" in line and "slower" in line
 
 

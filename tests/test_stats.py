@@ -10,8 +10,10 @@ from torch.utils.data import DataLoader, TensorDataset
 import spiking_layers as sl
 from conftest import signed_spikes
 from mnist_LeNet import LeNet
-from stats import SpikeStats, format_stats_table, plot_training_curves, time_sweep_table
-from utils import evaluate_with_stats, save_figure, save_stats_outputs, write_stats_json
+from stats import (SpikeStats, format_stats_table, plot_training_curves, save_figure, save_stats_outputs,
+                   time_sweep_table, write_stats_json)
+import utils
+from utils import evaluate_with_stats
 
 CPU = torch.device("cpu")
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -203,9 +205,7 @@ def test_resnet_shortcuts_named_and_in_order():
 def test_outputs_json_and_pngs(lenet_result, tmp_path):
     """stats.json holds what the contract check reads; the plots are real, small PNG files."""
     _, result = lenet_result
-    log = tmp_path / "log_mnist1.csv"
-    log.write_text("epoch,lr,train_loss,train_prec1,test_prec1\n1,0.1,2.5,40.0,45.0\n2,0.1,1.5,,60.0\n")
-    text = save_stats_outputs(result, str(tmp_path), csv_path=str(log))
+    text = save_stats_outputs(result, str(tmp_path))
     st = json.loads((tmp_path / "stats.json").read_text())
     assert {"layers", "totals", "energy", "time_steps", "samples", "accuracy", "time_sweep"} <= set(st)
     for layer in st["layers"]:
@@ -213,7 +213,7 @@ def test_outputs_json_and_pngs(lenet_result, tmp_path):
             | ({"synops", "ann_macs"} if not layer["name"].startswith("pool") else set())
         assert set(layer) == keys
     assert "prec1" in st["accuracy"]
-    for name in ("spike_rates.png", "time_sweep.png", "training_curves.png"):
+    for name in ("spike_rates.png", "time_sweep.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == PNG and len(data) < 100_000
     for line in ("cnn1", "pool2", "total", "0.9 pJ", "4.6 pJ", "Horowitz", "Prec@1"):
@@ -248,14 +248,14 @@ def test_stats_json_is_strict_json(tmp_path):
 
 
 def test_script_evaluate_stats_and_sweep(run_script, clean_error, tmp_path):
-    """mnist_LeNet.py end to end: one epoch on synthetic data writes training_curves.png; then one
+    """mnist_LeNet.py end to end: one epoch on synthetic data writes training_curves_mnist1.png; then one
     --evaluate pass prints the Test: line, the stats table and the sweep (to 8 > T = 4: T is raised),
-    and writes stats.json and the plots. A bad --time-sweep is one line, no traceback."""
+    and writes stats.json and the plots in stats_mnist1/. A bad --time-sweep is one line, no traceback."""
     tiny = ["--synthetic", "--time-steps", "4", "-b", "32", "--test-batch-size", "32", "-j", "0", "--device", "cpu",
             "--no-progress", "--out-dir", tmp_path]
     p = run_script("mnist_LeNet.py", *tiny, "--epochs", "1", "--limit-train", "128", "--limit-val", "64")
     assert p.returncode == 0, p.out
-    assert (tmp_path / "training_curves.png").read_bytes()[:8] == PNG
+    assert (tmp_path / "training_curves_mnist1.png").read_bytes()[:8] == PNG
     p = run_script("mnist_LeNet.py", *tiny, "--resume", tmp_path / "model_bestT1_mnist1.pth.tar", "--evaluate",
                    "--stats", "--time-sweep", "2,4,8", "--limit-val", "64")
     assert p.returncode == 0, p.out
@@ -263,7 +263,7 @@ def test_script_evaluate_stats_and_sweep(run_script, clean_error, tmp_path):
     assert len(re.findall(r"^Test: Prec@1 [\d.]+ Prec@5 [\d.]+ Loss [\d.]+$", p.stdout, re.M)) == 1, p.out
     assert "=> spike statistics over T = 8 steps, 64 samples" in p.stdout and "Horowitz" in p.stdout
     assert re.search(r"^\s+8\s+[\d.]+$", p.stdout, re.M), p.out  # the sweep table's last row
-    st = json.loads((tmp_path / "stats.json").read_text())
+    st = json.loads((tmp_path / "stats_mnist1" / "stats.json").read_text())
     names = [l["name"] for l in st["layers"]]
     assert names == ["cnn1", "pool1", "cnn2", "pool2", "fc0", "fc1"]
     for layer in st["layers"]:
@@ -272,10 +272,24 @@ def test_script_evaluate_stats_and_sweep(run_script, clean_error, tmp_path):
         if not layer["name"].startswith("pool"):
             assert {"synops", "ann_macs"} <= set(layer)
     assert st["samples"] == 64 and st["time_sweep"]["steps"] == [2, 4, 8]
+    assert st["checkpoint"] == str(tmp_path / "model_bestT1_mnist1.pth.tar") and st["untrained"] is False
     assert st["time_sweep"]["prec1"][-1] == st["accuracy"]["prec1"]
-    pngs = [f for f in tmp_path.glob("*.png") if f.read_bytes()[:8] == PNG]
+    pngs = [f for f in (tmp_path / "stats_mnist1").glob("*.png") if f.read_bytes()[:8] == PNG]
     assert {"spike_rates.png", "time_sweep.png"} <= {f.name for f in pngs}, pngs
 
     clean_error(run_script("mnist_LeNet.py", "--evaluate", "--time-sweep", "0,5", "--synthetic"),
                 "--time-sweep", "≥ 1", code=2)
     clean_error(run_script("mnist_LeNet.py", "--stats", "--synthetic"), "add --evaluate", code=2)
+
+
+def test_evaluating_without_resume_says_the_weights_are_untrained(tmp_path, capsys):
+    """A random network's spike counts and energy figures must not pass for a trained one's."""
+    import mnist_LeNet
+    utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=[
+        "--synthetic", "--time-steps", "2", "--limit-val", "16", "--test-batch-size", "16", "-j", "0", "--device",
+        "cpu", "--no-progress", "-e", "--stats", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["WARNING: --evaluate without --resume evaluates untrained weights (as initialised); add --resume "
+                   "PATH to evaluate a trained network"]
+    st = json.loads((tmp_path / "stats_mnist1" / "stats.json").read_text())
+    assert st["untrained"] is True and st["checkpoint"] is None

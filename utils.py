@@ -516,24 +516,37 @@ def main(Model, defaults, datasets=None, argv=None):
         try:
             return run(Model, args, device, files, given)
         finally:
-            if args.distributed:
+            if args.distributed and sys.exc_info()[0] is None:  # on an error, _last_words ends the process
                 dist.destroy_process_group()
     except KeyboardInterrupt as e:
         how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         if args.evaluate:
-            raise SystemExit(f"{how}; the evaluation wrote nothing")
+            _last_words(args, f"{how}; the evaluation wrote nothing")
         where = f"in epoch {files.epoch}" if files.epoch else "before training began"
-        raise SystemExit(f"{how} {where}; {files.saved()}")
+        _last_words(args, f"{how} {where}; {files.saved()}")
     except (NonFiniteError, DeadLayerError, WriteError) as e:
-        raise SystemExit(f"error: {e}" + ("" if args.evaluate else f". Stopped; {files.saved()}"))
+        _last_words(args, f"error: {e}" + ("" if args.evaluate else f". Stopped; {files.saved()}"))
     except RuntimeError as e:  # gloo's and NCCL's errors when another process of the job has ended
         if not args.distributed or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
             raise
-        raise SystemExit(f"error: rank {args.rank}: another process of this torchrun job has ended ("
-                         f"{first_line(e).split('] ')[-1]}; torchrun's summary names it); {files.saved()}")
+        _last_words(args, f"error: rank {args.rank}: another process of this torchrun job has ended ("
+                    f"{first_line(e).split('] ')[-1]}; torchrun's summary names it); {files.saved()}")
     finally:
         signal.signal(signal.SIGTERM, sigterm)
         files.release()
+
+
+def _last_words(args, message):
+    """End the run with one line on stderr (SystemExit). Under torchrun the process prints it and exits
+    at once: once another process of the job has died, tearing down the process group and the
+    interpreter can wait for it until torchrun kills this one too, and the line would be lost (and
+    torchrun's own SIGTERM could cut it off). Its files are written atomically and its lock goes with it."""
+    if not args.distributed:
+        raise SystemExit(message)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.stdout.flush()
+    print(message, file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def run(Model, args, device, files=None, given=()):

@@ -244,7 +244,7 @@ def check_gpu_supported(device):
     ptx = [a for a in built if a.startswith("compute_")]
     # a cubin runs on GPUs of its major version and the same or a higher minor; PTX on any newer GPU
     if any(_arch(a) // 10 == major and _arch(a) % 10 <= minor for a in cubins) or \
-            any(_arch(a) <= 10 * major + minor for a in ptx) or not built:
+            any(_arch(a) <= 10 * major + minor for a in ptx) or not (cubins or ptx):  # ROCm: gfx names
         return
     raise SystemExit(f"error: {torch.cuda.get_device_name(device)} (sm_{major}{minor}) is not supported by this "
                      f"torch build ({torch.__version__}: kernels for {', '.join(built)}); install a torch build "

@@ -78,7 +78,7 @@ def fake_gpu(monkeypatch):
 
 
 @pytest.mark.parametrize("capability, archs", [((8, 0), ARCHS), ((8, 9), ARCHS), ((9, 0), ARCHS), ((12, 0), ARCHS),
-                                               ((12, 1), ["sm_80", "compute_120"])])
+                                               ((12, 1), ["sm_80", "compute_120"]), ((9, 4), ["gfx90a", "gfx942"])])
 def test_a_gpu_the_build_has_kernels_for_passes(capability, archs, fake_gpu):
     fake_gpu("some GPU", capability, archs)
     utils.check_gpu_supported(torch.device("cuda", 0))

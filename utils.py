@@ -1,7 +1,8 @@
-"""The loop shared by the four paper scripts: CLI, setup, data, train/validate, health, stats, the run.
+"""The loop shared by the four paper scripts: CLI, setup, train/validate, health, stats, the run.
 
-Each script calls `main(Model, DEFAULTS, datasets)`. The sections follow the order of a run; the run's
-files (checkpoints, the CSV log, the out-dir it owns) are in checkpoints.py.
+Each script calls `main(Model, DEFAULTS, datasets)`. The sections follow the order of a run; its data
+(datasets, downloads, loaders) are in data.py, its files (checkpoints, the CSV log, the out-dir it
+owns) in checkpoints.py.
 
     python mnist_LeNet.py --dataset fashion-mnist                      one process, CPU or GPU
     torchrun --nproc_per_node=4 cifar10_VGG9.py                        DDP: --batch-size is per process

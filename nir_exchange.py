@@ -40,12 +40,12 @@ import torch.fx
 import torch.nn as nn
 
 from checkpoints import WriteError, atomic_write, load_checkpoint, log
+from data import image_shape
 from spiking_layers import (Conv2d, Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork,
                             SpikingNeurons)
 
 DT = 1e-4  # the step snnTorch's importer assumes; the spikes do not depend on it when an importer uses the file's dt
 POOL_THRESHOLD = 0.875  # between the pooling membrane's values 0.75 and 1: the same spikes under > and ≥
-IMAGE_SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32), "svhn": (3, 32, 32)}
 SIGNED, ON_OFF = "signed_poisson", "on_off_poisson"
 READOUT = "U_out(T) / readout_v_th / T: the output integrator's membrane after the last step"
 
@@ -528,7 +528,7 @@ def export_checkpoint(Model, args):
     else:
         load_checkpoint(args.resume, net)
     try:
-        graph = to_nir(net, IMAGE_SHAPES[args.dataset], on_off=args.nir_on_off)
+        graph = to_nir(net, image_shape(args.dataset), on_off=args.nir_on_off)
         write(graph, args.export_nir, args.overwrite)
     except NIRError as e:
         raise SystemExit(f"error: --export-nir {e}")

@@ -77,7 +77,7 @@ def active():
 def for_tensor(t):
     """The backend that runs the recursions on tensors of t's device."""
     if _fixed is None:
-        return _auto(t.device.type)
+        return _auto_with_reason(t.device.type)[0]
     if not _fixed.runs_on(t):
         raise BackendError(f"SPIKING_BACKEND={_choice} does not run on {t.device.type} tensors"
                            + (" (Triton's interpreter is on: TRITON_INTERPRET=1)" if _interpreting() else ""))
@@ -112,10 +112,6 @@ def self_check(device, dtypes):
 
 
 _AUTO = {"cpu": "numba", "cuda": "triton"}  # where installed; tensor operations elsewhere
-
-
-def _auto(device_type):
-    return _auto_with_reason(device_type)[0]
 
 
 @functools.lru_cache(maxsize=None)

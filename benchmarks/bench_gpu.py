@@ -71,6 +71,18 @@ def agreement(name, T, B, device, amp):
     return (ours.argmax(1) == theirs.argmax(1)).float().mean().item(), (ours - theirs).abs().max().item()
 
 
+HEADER = (f"{'model':9} {'precision':9} {'mode':5} {'engine/s':>9} {'ref/s':>8} {'speed':>6} {'engine MiB':>10} "
+          f"{'ref MiB':>8} {'epoch min':>9} {'agree':>6} {'max_diff':>9}")
+
+
+def table_row(r):
+    """One row of the table, aligned with HEADER (gpu_check.sh prints the table again from the JSON)."""
+    mib = ["-" if r[k] is None else f"{r[k]:.0f}" for k in ("engine_peak_mib", "reference_peak_mib")]
+    return (f"{r['model']:9} {r['precision']:9} {r['mode']:5} {r['engine_samples_s']:9.1f} "
+            f"{r['reference_samples_s']:8.1f} {r['speedup']:6.2f} {mib[0]:>10} {mib[1]:>8} "
+            f"{r['cifar10_epoch_min']:9.2f} {r['agree']:6.3f} {r['max_diff']:9.2e}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vgg9,resnet11", help="(default: %(default)s)")
@@ -86,8 +98,7 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     T, B, rows = args.time_steps, args.batch_size, []
-    print(f"{'model':9} {'precision':9} {'mode':5} {'engine/s':>9} {'ref/s':>8} {'speed':>6} {'engine MiB':>10} "
-          f"{'ref MiB':>8} {'epoch min':>9} {'agree':>6} {'max_diff':>9}", flush=True)
+    print(HEADER, flush=True)
     for precision in args.precisions.split(","):
         set_tf32(precision == "tf32")
         amp = precision == "amp"
@@ -106,10 +117,7 @@ def main():
                            cifar10_epoch_min=images * ours / B / 60, agree=agree, max_diff=diff,
                            seconds=time.perf_counter() - start)
                 rows.append(row)
-                mib = [f"{m:10.0f}" if m is not None else f"{'-':>10}" for m in (row["engine_peak_mib"],
-                                                                                  row["reference_peak_mib"])]
-                print(f"{name:9} {precision:9} {mode:5} {B / ours:9.1f} {B / theirs:8.1f} {theirs / ours:6.2f} "
-                      f"{mib[0]} {mib[1][2:]} {row['cifar10_epoch_min']:9.2f} {agree:6.3f} {diff:9.2e}", flush=True)
+                print(table_row(row), flush=True)
                 del steps
                 if args.json:
                     with open(args.json, "w") as f:

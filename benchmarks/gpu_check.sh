@@ -89,13 +89,11 @@ for s in summary["steps"]:
 print("engine tests:", summary["engine_tests"] or "no result")
 print("script epoch (cifar10_VGG9.py, synthetic images):", f"{epoch.group(1)} s" if epoch else "no result")
 if summary["benchmark"]:
-    print(f"{'model':9} {'precision':9} {'mode':5} {'engine/s':>9} {'ref/s':>8} {'speed':>6} {'engine MiB':>10} "
-          f"{'ref MiB':>8} {'epoch min':>9} {'agree':>6}")
+    sys.path.insert(0, "benchmarks")
+    from bench_gpu import HEADER, table_row
+    print(HEADER)
     for r in summary["benchmark"]:
-        mib = ["-" if r[k] is None else f"{r[k]:.0f}" for k in ("engine_peak_mib", "reference_peak_mib")]
-        print(f"{r['model']:9} {r['precision']:9} {r['mode']:5} {r['engine_samples_s']:9.1f} "
-              f"{r['reference_samples_s']:8.1f} {r['speedup']:6.2f} {mib[0]:>10} {mib[1]:>8} "
-              f"{r['cifar10_epoch_min']:9.2f} {r['agree']:6.3f}")
+        print(table_row(r))
 print(f"log and figures: {out}/gpu_check.log, {out}/gpu_check.json")
 sys.exit(0 if all(s["status"] == "ok" for s in summary["steps"]) else 1)
 EOF

@@ -240,10 +240,26 @@ def spike_inputs(trusted=True):
         _SPIKE_INPUTS.reset(token)
 
 
+# A network's forward pass (and the backward of its chunks) is a scope over which a backend may
+# keep what it derives from a weight, e.g. the event kernels' weight rows, rather than per call.
+_SCOPE = contextvars.ContextVar("weight_scope", default=None)
+
+
+@contextlib.contextmanager
+def weight_scope():
+    """A new such scope for the weight layers called inside this block (and their backward)."""
+    token = _SCOPE.set(object())
+    try:
+        yield
+    finally:
+        _SCOPE.reset(token)
+
+
 def _current(layer, spike_seq, weight, pack=True):
     """I = layer(s) over a chunk (k, B, ...), on events where the backend has them and the input is
     sparse. Also returns the packed input (q, s) of the k·B images for backward (None: kept as it
-    is, graded input) and whether backward's weight gradient should run on events."""
+    is, graded input) and the input's density of events (None: not eligible for events), with
+    which backward chooses its paths."""
     x = spike_seq.flatten(0, 1)
     kernels = spiking_kernels.for_tensor(x)
     if isinstance(layer, nn.Conv2d) and kernels.channels_last:
@@ -255,25 +271,44 @@ def _current(layer, spike_seq, weight, pack=True):
         if packed is not None and on_events:
             # under bf16 autocast the dense kernels run about twice as fast: halve the crossovers
             density = packed[2] / max(x.numel(), 1) * (2 if torch.is_autocast_enabled("cpu") else 1)
-    if density is not None and density < kernels.EVENT_DENSITY["forward"]:
-        current = kernels.event_current(layer, packed[0], packed[1], weight)
+    if density is not None and density < kernels.event_crossovers(layer)["forward"]:
+        current = kernels.event_current(layer, packed[0], packed[1], weight, _SCOPE.get())
     else:
         current = _per_image(layer, x, weight)
-    events = density is not None and density < kernels.EVENT_DENSITY["weight_grad"]
-    return current.unflatten(0, spike_seq.shape[:2]), x if packed is None else packed[:2], events
+    return current.unflatten(0, spike_seq.shape[:2]), x if packed is None else packed[:2], density
+
+
+# Autograd nodes that only re-index their input, one element to one: a neuron layer's spikes
+# passed through them (LeNet's and VGG9's flatten before fc0) are still read only where they fired.
+_REINDEXING = frozenset(("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "CloneBackward0",
+                         "PermuteBackward0", "TransposeBackward0", "AliasBackward0"))
+
+
+def _fired_spikes(x):
+    """Whether x is a neuron layer's spikes, so that its backward reads ∂L/∂x only where a neuron
+    fired (∂s_t/∂U'_t is 0 at silent steps, and the mask's 0 where dropout removed a spike)."""
+    fn, output = x.grad_fn, 0
+    while fn is not None and type(fn).__name__ in _REINDEXING:
+        fn, output = fn.next_functions[0]
+    return isinstance(fn, _Neuron._backward_cls) and output == 0
 
 
 class _Synapse(torch.autograd.Function):
     """I = layer(s) for a Conv2d or Linear without bias, over a chunk of time steps.
 
-    autograd's own conv/linear would save the float input; here it is saved in one byte."""
+    autograd's own conv/linear would save the float input; here it is saved in one byte. On events
+    (sparse spikes, numba backend), the output, the weight gradient, and the input gradient of a
+    neuron layer's spikes, computed only where they fired, as that layer's backward reads it."""
 
     @staticmethod
     def forward(ctx, spike_seq, weight, layer):
-        current, kept, ctx.events = _current(layer, spike_seq, weight)
+        current, kept, density = _current(layer, spike_seq, weight)
         x, ctx.scale = kept if isinstance(kept, tuple) else (kept, None)
         ctx.save_for_backward(x, weight)
-        ctx.layer, ctx.chunk, ctx.in_dtype = layer, spike_seq.shape[:2], spike_seq.dtype
+        ctx.layer, ctx.chunk, ctx.in_dtype, ctx.scope = layer, spike_seq.shape[:2], spike_seq.dtype, _SCOPE.get()
+        crossover = spiking_kernels.for_tensor(x).event_crossovers(layer) if density is not None else {}
+        ctx.events = density is not None and density < crossover["weight_grad"]
+        ctx.events_x = density is not None and density < crossover["input_grad"] and _fired_spikes(spike_seq)
         # the dtype of the dense kernels, also when this forward ran on events: bf16 under autocast
         ctx.compute_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") and \
             current.device.type == "cpu" else current.dtype
@@ -283,7 +318,8 @@ class _Synapse(torch.autograd.Function):
     def backward(ctx, grad_current):
         q, weight = ctx.saved_tensors
         s, dtype, layer = ctx.scale, ctx.compute_dtype, ctx.layer
-        need_x, need_w = ctx.needs_input_grad[:2]
+        need_w = ctx.needs_input_grad[1]
+        need_x = ctx.needs_input_grad[0] and not ctx.events_x
         dense_w = need_w and not ctx.events
         grad_x = grad_w = None
         if need_x or dense_w:
@@ -300,8 +336,11 @@ class _Synapse(torch.autograd.Function):
             else:
                 grad_x = g @ w if need_x else None
                 grad_w = g.t() @ x if dense_w else None
+        kernels = spiking_kernels.for_tensor(q)
         if need_w and ctx.events:
-            grad_w = spiking_kernels.for_tensor(q).event_weight_grad(layer, q, s, weight, grad_current)
+            grad_w = kernels.event_weight_grad(layer, q, s, weight, grad_current)
+        if ctx.needs_input_grad[0] and ctx.events_x:
+            grad_x = kernels.event_input_grad(layer, q, weight, grad_current.flatten(0, 1).to(weight.dtype), ctx.scope)
         if grad_x is not None:
             grad_x = grad_x.unflatten(0, ctx.chunk).to(ctx.in_dtype)
         if grad_w is not None and (grad_w.dtype != weight.dtype or grad_w.stride() != weight.stride()):
@@ -490,7 +529,7 @@ class SpikingNetwork(nn.Module):
                 m.reset()
         k = self.time_chunk or default_time_chunk(B, T, spike_seq.device, self.images_per_call)
         u, t, readouts = None, 0, []
-        with spike_inputs(spikes):
+        with spike_inputs(spikes), weight_scope():
             for chunk in spike_seq.split(k):
                 current_seq = self.step(chunk)
                 if u is None:

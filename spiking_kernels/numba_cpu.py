@@ -1,4 +1,4 @@
-"""The recursions as compiled loops for CPU tensors (numba), and event-driven convolutions.
+"""The recursions as compiled loops for CPU tensors (numba), and event-driven synapses.
 
 One pass over a chunk instead of several tensor operations per time step; the loops of one call
 run on torch's CPU threads, each over its own range of neurons (or images, or channels). The
@@ -12,14 +12,13 @@ import math
 
 import numba
 import torch
-import torch.nn as nn
 
-from . import tensor_ops
-from .layout import channels_last as to_channels_last, flat, is_channels_last
+from . import numba_events, tensor_ops
+from .layout import flat, is_channels_last
 
 name = "numba"
 channels_last = True  # oneDNN's convolutions are fastest so on a CPU (docs/performance.md)
-events = True         # event-driven convolutions: event_eligible, event_current, event_weight_grad
+events = True         # event-driven synapses: event_eligible, event_current, event_*_grad
 
 
 def runs_on(t):
@@ -33,11 +32,6 @@ def _compiled(t):
 def _kernel(fn):
     # nogil: the loops of one call run on several threads at once, each over its own range
     return numba.njit(cache=True, nogil=True)(fn)
-
-
-def _inlined(fn):
-    # inlined into the calling kernels: as a plain call, the event kernels ran several times slower
-    return numba.njit(inline="always", cache=True)(fn)
 
 
 U64 = numba.uint64  # unsigned loop indices: numba then skips the negative-index check and vectorizes
@@ -236,129 +230,31 @@ def pack(x, check=True):
 
 
 # ----------------------------------------------------------------------------------------------
-# Event-driven convolutions. An input spike adds one signed weight row (O currents) per kernel
-# offset, so a layer whose input fires at rate r needs r of a dense convolution's multiply-adds, for
-# its output and for its weight gradient (∂L/∂w is a sum over the input's spikes). A trained
-# network fires sparsely enough for this to beat the dense kernels; a fresh one on dense input does
-# not, and the dense path is taken (EVENT_DENSITY). The results are the same up to the order of
-# summation; the input gradient is always the dense one (oneDNN). Spikes and currents are
-# channels-last, and weights are laid out (KH, KW, C, O), so that a spike's rows are contiguous.
+# Event-driven synapses (numba_events.py), on this backend's threads
 
-# Input densities (spikes per input per step) below which a convolution runs on events: its output,
-# and its weight gradient (the crossovers that benchmarks/bench_events.py measures; docs/performance.md).
-EVENT_DENSITY = dict(forward=0.08, weight_grad=0.05)
-
-
-@_inlined
-def _target(i, k, pad, stride, size):
-    """The output index that input index i reaches through kernel offset k, or -1."""
-    t = i + pad - k
-    if t < 0 or t % stride:
-        return -1
-    t //= stride
-    return t if t < size else -1
-
-
-@_inlined
-def _add_signed(acc, row, sign):
-    """acc += row if sign > 0 else acc -= row (a branch per row, not a multiply per element)."""
-    if sign > 0:
-        for o in range(U64(acc.shape[0])):
-            acc[o] += row[o]
-    else:
-        for o in range(U64(acc.shape[0])):
-            acc[o] -= row[o]
-
-
-@_inlined
-def _spread(images, rows, n, iy, ix, c, sign, stride, pad, into_images):
-    """For each kernel offset (kh, kw) through which input (iy, ix) of image n reaches an output
-    (oy, ox): images[n, oy, ox] ±= rows[kh, kw, c] if into_images, else rows[kh, kw, c] ±=
-    images[n, oy, ox] (the output, and the weight gradient, of one spike)."""
-    for kh in range(rows.shape[0]):
-        oy = _target(iy, kh, pad, stride, images.shape[1])
-        if oy < 0:
-            continue
-        for kw in range(rows.shape[1]):
-            ox = _target(ix, kw, pad, stride, images.shape[2])
-            if ox < 0:
-                continue
-            if into_images:
-                _add_signed(images[n, oy, ox], rows[kh, kw, c], sign)
-            else:
-                _add_signed(rows[kh, kw, c], images[n, oy, ox], sign)
-
-
-@_kernel
-def _events_forward(lo, hi, q, w, out, stride, pad):
-    """out[n] (OH, OW, O) = Σ over the events of q[n] (H, W, C) of ±w rows, images lo..hi."""
-    for n in range(lo, hi):
-        out[n] = 0
-        for iy in range(q.shape[1]):
-            for ix in range(q.shape[2]):
-                for c in range(q.shape[3]):
-                    if q[n, iy, ix, c] != 0:
-                        _spread(out, w, n, iy, ix, c, q[n, iy, ix, c], stride, pad, True)
-
-
-@_kernel
-def _events_weight_grad(lo, hi, q, g, dw, stride, pad):
-    """dw[:, :, c] (KH, KW, O) = Σ over the events of q (N, H, W, C) at channel c of ±g rows,
-    channels lo..hi. g: ∂L/∂I as (N, OH, OW, O)."""
-    for n in range(q.shape[0]):  # images outer: an image's gradient stays in cache over the channels
-        for iy in range(q.shape[1]):
-            for ix in range(q.shape[2]):
-                for c in range(lo, hi):
-                    if q[n, iy, ix, c] != 0:
-                        _spread(g, dw, n, iy, ix, c, q[n, iy, ix, c], stride, pad, False)
+EVENT_DENSITY = numba_events.EVENT_DENSITY
 
 
 def event_eligible(layer, weight):
-    """A stride-1, square, ungrouped, undilated convolution (strided ones and Linear layers measured
-    slower on events in a training step)."""
-    return (_compiled(weight) and isinstance(layer, nn.Conv2d) and layer.stride == (1, 1)
-            and layer.kernel_size[0] == layer.kernel_size[1] and layer.kernel_size[0] > 1
-            and not isinstance(layer.padding, str) and layer.padding[0] == layer.padding[1]
-            and layer.dilation == (1, 1) and layer.groups == 1)
+    return numba_events.eligible(layer, weight)
 
 
-_ROWS = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (its version, its rows)
+def event_crossovers(layer):
+    return numba_events.crossovers(layer, EVENT_DENSITY)
 
 
-def _rows(weight):
-    """The weight as (KH, KW, C, O). Cached while the weight is unchanged (its version counter),
-    i.e. over all the chunks of a forward pass and its backward."""
-    cached = _ROWS.get(weight)
-    if cached is None or cached[0] != weight._version:
-        cached = _ROWS[weight] = (weight._version, weight.detach().permute(2, 3, 1, 0).contiguous())
-    return cached[1]
+def event_current(layer, q, s, weight, scope=None):
+    return numba_events.current(layer, q, s, weight, scope, _split)
 
 
-def _scaled(x, s):
-    """x · s, skipping the pass for unit spikes."""
-    return x if s.item() == 1.0 else x * s.to(x.dtype)
+def event_weight_grad(layer, q, s, weight, grad_current):
+    return numba_events.weight_grad(layer, q, s, weight, grad_current, _split)
+
+
+def event_input_grad(layer, q, weight, grad_current, scope=None):
+    return numba_events.input_grad(layer, q, weight, grad_current, scope, _split)
 
 
 def unpack(q, s, dtype):
     """tensor_ops.unpack, without the multiply for unit spikes."""
-    return _scaled(q.to(dtype), s)
-
-
-def event_current(layer, q, s, weight):
-    """layer(q · s) on events. q: (..., C, H, W) int8 spikes; returns (N, O, OH, OW), channels-last."""
-    x, rows, stride, pad = to_channels_last(q.flatten(0, -4)), _rows(weight), layer.stride[0], layer.padding[0]
-    size = [(n + 2 * pad - rows.shape[0]) // stride + 1 for n in x.shape[2:]]
-    out = torch.empty(x.shape[0], weight.shape[0], *size, dtype=weight.dtype, memory_format=torch.channels_last)
-    _split(_events_forward, x.shape[0], x.permute(0, 2, 3, 1).numpy(), rows.numpy(), out.permute(0, 2, 3, 1).numpy(),
-           stride, pad, grain=8)
-    return _scaled(out, s)
-
-
-def event_weight_grad(layer, q, s, weight, grad_current):
-    """∂L/∂w on events: q (..., C, H, W) int8 spikes, grad_current (..., O, OH, OW) = ∂L/∂I."""
-    x = to_channels_last(q.flatten(0, -4)).permute(0, 2, 3, 1)
-    g = to_channels_last(grad_current.flatten(0, -4).to(weight.dtype)).permute(0, 2, 3, 1)  # (N, OH, OW, O)
-    o, c, kh, kw = weight.shape
-    rows = weight.new_zeros(kh, kw, c, o)
-    _split(_events_weight_grad, c, x.numpy(), g.numpy(), rows.numpy(), layer.stride[0], layer.padding[0], grain=1)
-    return _scaled(rows.permute(3, 2, 0, 1).contiguous(), s)
+    return numba_events._scaled(q.to(dtype), s)

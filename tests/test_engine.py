@@ -44,15 +44,20 @@ def device(request):
 @pytest.fixture(params=BACKENDS)
 def backend(request, device, monkeypatch):
     """Every backend, selected as SPIKING_BACKEND would; "numba-events" also sends every eligible
-    convolution to the event-driven kernels, whatever the input's density."""
+    layer to the event-driven kernels, whatever the input's density."""
     name = request.param.split("-")[0]
     if not spiking_kernels._load(name).runs_on(torch.empty(0, device=device)):
         pytest.skip(f"{name} does not run on {device} tensors here")
     previous = spiking_kernels.use(name)
     if request.param == "numba-events":
-        monkeypatch.setattr(numba_cpu, "EVENT_DENSITY", dict(forward=1.1, weight_grad=1.1))
+        monkeypatch.setattr(numba_cpu, "EVENT_DENSITY", crossovers(1.1))
     yield request.param
     spiking_kernels.use(previous)
+
+
+def crossovers(density):
+    """An EVENT_DENSITY table with every crossover at `density` (0: all dense, > 1: all on events)."""
+    return {kind: dict.fromkeys(("forward", "weight_grad", "input_grad"), density) for kind in ("conv", "linear")}
 
 
 def chunk_sizes(T):
@@ -577,34 +582,40 @@ def test_pooling_split_across_threads_is_exact():
 
 @pytest.fixture
 def event_calls(monkeypatch):
-    """Counts the calls of the event-driven forward and weight gradient."""
-    calls = {"forward": 0, "weight_grad": 0}
+    """Counts the calls of the event-driven output, weight gradient and input gradient."""
+    calls = {"forward": 0, "weight_grad": 0, "input_grad": 0}
 
     def counted(name, fn):
         def wrapper(*args):
             calls[name] += 1
             return fn(*args)
         return wrapper
-    monkeypatch.setattr(numba_cpu, "event_current", counted("forward", numba_cpu.event_current))
-    monkeypatch.setattr(numba_cpu, "event_weight_grad", counted("weight_grad", numba_cpu.event_weight_grad))
+    for name in calls:
+        attr = "event_current" if name == "forward" else f"event_{name}"
+        monkeypatch.setattr(numba_cpu, attr, counted(name, getattr(numba_cpu, attr)))
     return calls
 
 
+SYNAPSES = ((lambda: sl.Conv2d(3, 5, 3, padding=1), (3, 2, 3, 9, 9)),
+            (lambda: sl.Conv2d(4, 6, 5, padding=2), (2, 3, 4, 7, 7)),
+            (lambda: sl.Conv2d(3, 4, 3, padding=0), (2, 2, 3, 6, 6)),
+            (lambda: sl.Linear(40, 7), (3, 2, 40)))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_event_driven_convolution_matches_dense(dtype, monkeypatch, event_calls):
-    """On events, a convolution's output, input gradient and weight gradient equal the dense
-    path's up to the order of summation: unit, dropout-scaled and signed spikes, any padding."""
+def test_event_driven_synapses_match_dense(dtype, monkeypatch, event_calls):
+    """On events, a convolution's or Linear layer's output and weight gradient equal the dense
+    path's up to the order of summation: unit, dropout-scaled and signed spikes, any padding. An
+    input that is not a neuron layer's spikes gets the dense input gradient, everywhere."""
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else TOL
-    for layer, shape in ((sl.Conv2d(3, 5, 3, padding=1), (3, 2, 3, 9, 9)),
-                         (sl.Conv2d(4, 6, 5, padding=2), (2, 3, 4, 7, 7)),
-                         (sl.Conv2d(3, 4, 3, padding=0), (2, 2, 3, 6, 6))):
-        layer = layer.to(dtype)
+    for make, shape in SYNAPSES:
+        layer = make().to(dtype)
         for x in (signed_spikes(shape, 0.05).abs(), signed_spikes(shape, 0.05).abs() / 0.7,
                   signed_spikes(shape, 0.05)):
             x = x.to(dtype)
             results = []
             for threshold in (0.0, 1.1):  # dense, then events
-                monkeypatch.setattr(numba_cpu, "EVENT_DENSITY", dict(forward=threshold, weight_grad=threshold))
+                monkeypatch.setattr(numba_cpu, "EVENT_DENSITY", crossovers(threshold))
                 xx = x.clone().requires_grad_()
                 y = sl.synapse(layer, xx)
                 g = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
@@ -613,36 +624,102 @@ def test_event_driven_convolution_matches_dense(dtype, monkeypatch, event_calls)
                     results.append((y, sl.synapse(layer, x), *grads))
             for dense, events in zip(*results):
                 torch.testing.assert_close(events, dense, **tol)
-    assert event_calls == {"forward": 18, "weight_grad": 9}, event_calls
+    assert event_calls == {"forward": 24, "weight_grad": 12, "input_grad": 0}, event_calls
 
 
-def test_event_kernels_handle_stride_and_padding():
-    """The event kernels are general (stride, padding, kernel size), though only stride-1
-    convolutions are sent to them: same output and weight gradient as oneDNN's."""
-    for c, o, kernel, stride, pad in ((3, 5, 3, 2, 1), (4, 6, 1, 2, 0), (2, 3, 5, 3, 2), (3, 4, 3, 1, 0)):
-        layer = sl.Conv2d(c, o, kernel, stride=stride, padding=pad).double()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_input_gradient_on_events_is_the_dense_one_where_the_input_fired(dtype, monkeypatch, event_calls):
+    """A neuron layer's spikes into a synapse: on events, ∂L/∂s is computed where they fired, equal
+    there to the dense gradient, and 0 elsewhere (where the neurons' backward does not read it);
+    through a flatten too (LeNet's fc0)."""
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else TOL
+    for make, shape in SYNAPSES:
+        layer, neurons = make().to(dtype), sl.LIF(leak=0.9, v_th=0.5)
+        current = (torch.rand(shape, dtype=dtype, generator=torch.Generator().manual_seed(2)) - 0.3).requires_grad_()
+        grads = []
+        for threshold in (0.0, 1.1):
+            monkeypatch.setattr(numba_cpu, "EVENT_DENSITY", crossovers(threshold))
+            neurons.reset()
+            spikes = neurons(current)
+            y = sl.synapse(layer, spikes)
+            g = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+            grads.append(torch.autograd.grad(y, spikes, g)[0])
+        fired = spikes != 0
+        assert fired.any() and not fired.all()
+        torch.testing.assert_close(grads[1][fired], grads[0][fired], **tol)
+        assert not grads[1][~fired].any() and grads[0][~fired].any()
+    assert event_calls["input_grad"] == 4, event_calls
+
+
+def test_input_gradients_on_events_in_lenet(monkeypatch, event_calls):
+    """In LeNet, cnn2, fc0 (pool2's spikes, flattened: a copy of a channels-last tensor) and fc1
+    take a neuron layer's spikes: their input gradients run on events, once per chunk, and the
+    network's weight gradients equal the dense path's."""
+    from mnist_LeNet import LeNet
+    model = LeNet(time_steps=6, time_chunk=3).double()
+    spikes = model.encode(torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    grads = []
+    for threshold in (0.0, 1.1):
+        monkeypatch.setattr(numba_cpu, "EVENT_DENSITY", crossovers(threshold))
+        model.zero_grad()
+        (model(spikes) * torch.arange(10.0)).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert event_calls["input_grad"] == 3 * 2, event_calls
+    for events, dense in zip(*grads):
+        assert dense.any()
+        torch.testing.assert_close(events, dense, **TOL)
+
+
+def test_event_kernels_handle_padding_and_kernel_size():
+    """The event kernels against oneDNN's: output, weight gradient and (everywhere the input
+    fired) input gradient, for kernel sizes 3 and 5 with and without padding, and spikes at the
+    image borders, scaled by s."""
+    for c, o, kernel, pad in ((3, 5, 3, 1), (2, 3, 5, 2), (3, 4, 3, 0), (2, 4, 5, 1)):
+        layer = sl.Conv2d(c, o, kernel, padding=pad).double()
         x = signed_spikes((2, 3, c, 9, 9), rate=0.2)
         q, s = x.to(torch.int8), torch.tensor(1.5, dtype=torch.float64)
         w = layer.weight.detach()
         out = numba_cpu.event_current(layer, q, s, w)
-        ref = torch.nn.functional.conv2d(x.flatten(0, 1) * 1.5, w, None, stride, pad)
+        ref = torch.nn.functional.conv2d(x.flatten(0, 1) * 1.5, w, None, 1, pad)
         torch.testing.assert_close(out, ref, **TOL)
         g = torch.randn(2, 3, *ref.shape[1:], dtype=torch.float64)
-        ref_w = torch.ops.aten.convolution_backward(g.flatten(0, 1), x.flatten(0, 1) * 1.5, w, None, [stride] * 2,
-                                                    [pad] * 2, [1, 1], False, [0, 0], 1, [False, True, False])[1]
+        ref_x, ref_w, _ = torch.ops.aten.convolution_backward(g.flatten(0, 1), x.flatten(0, 1) * 1.5, w, None, [1, 1],
+                                                              [pad] * 2, [1, 1], False, [0, 0], 1, [True, True, False])
         torch.testing.assert_close(numba_cpu.event_weight_grad(layer, q, s, w, g), ref_w, **TOL)
+        grad_x = numba_cpu.event_input_grad(layer, q, w, g.flatten(0, 1))
+        torch.testing.assert_close(grad_x, torch.where(x.flatten(0, 1) != 0, ref_x, 0.0), **TOL)
+
+
+def test_event_weight_gradient_split_by_images_for_few_channels():
+    """A layer with fewer input channels than twice the threads (LeNet's cnn1) sums per-thread
+    parts of its weight gradient over images: the same gradient, for any number of images."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for images in (1, 3, 7, 64):
+            layer = sl.Conv2d(1, 4, 5, padding=2).double()
+            x = signed_spikes((images, 1, 1, 12, 12), rate=0.2)
+            w = layer.weight.detach()
+            g = torch.randn(images, 4, 12, 12, dtype=torch.float64)
+            ref_w = torch.ops.aten.convolution_backward(g, x.flatten(0, 1), w, None, [1, 1], [2, 2], [1, 1], False,
+                                                        [0, 0], 1, [False, True, False])[1]
+            torch.testing.assert_close(numba_cpu.event_weight_grad(layer, x.to(torch.int8), torch.tensor(1.0), w, g),
+                                       ref_w, **TOL)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_event_path_is_taken_by_input_density(event_calls):
-    """Only sparse spikes into a stride-1 convolution on a CPU run on events: not dense ones, and
-    not Linear layers or strided convolutions, where events measured slower."""
+    """Only sparse spikes into a Linear layer or a stride-1 convolution on a CPU run on events: not
+    dense ones, and not strided convolutions, where events measured slower."""
     conv, strided, fc = sl.Conv2d(4, 6, 3, padding=1), sl.Conv2d(4, 6, 3, stride=2, padding=1), sl.Linear(256, 5)
     sparse = signed_spikes((5, 2, 4, 8, 8), rate=0.01).abs().float().requires_grad_()
-    assert 0 < sparse.count_nonzero() < numba_cpu.EVENT_DENSITY["weight_grad"] * sparse.numel()
-    dense = signed_spikes((5, 2, 4, 8, 8), rate=0.3).abs().float().requires_grad_()
+    assert 0 < sparse.count_nonzero() < numba_cpu.EVENT_DENSITY["conv"]["weight_grad"] * sparse.numel()
+    dense = signed_spikes((5, 2, 4, 8, 8), rate=0.5).abs().float().requires_grad_()
     sl.synapse(conv, sparse).sum().backward()
-    assert event_calls == {"forward": 1, "weight_grad": 1}
-    sl.synapse(conv, dense).sum().backward()
-    sl.synapse(strided, sparse).sum().backward()
     sl.synapse(fc, sparse.flatten(2)).sum().backward()
-    assert event_calls == {"forward": 1, "weight_grad": 1}
+    assert event_calls == {"forward": 2, "weight_grad": 2, "input_grad": 0}
+    sl.synapse(conv, dense).sum().backward()
+    sl.synapse(fc, dense.flatten(2)).sum().backward()
+    sl.synapse(strided, sparse).sum().backward()
+    assert event_calls == {"forward": 2, "weight_grad": 2, "input_grad": 0}

@@ -54,8 +54,7 @@ def poisson_encode(x, time_steps, scale=1.0, generator=None):
 
 def is_spike_train(x):
     """Whether x holds only 0 and ±s for one s > 0 (or only zeros): what weight layers keep in a byte."""
-    a = x.abs()
-    return bool(((a == 0) | (a == a.amax())).all())
+    return spiking_kernels.for_tensor(x).is_spike_train(x)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,29 +104,35 @@ class _Window:
 
 def _fire(current_seq, u, window, v_th, leak, leaky_sum, mask, record):
     """Steps 2–5 over a chunk (k, B, ...), in the membrane's layout: returns the spikes (times the
-    dropout mask) and the new membrane; N, LF and (record) the spike record are updated in window."""
+    dropout mask); the membrane u, N, LF and (record) the spike record are updated in place."""
     k, cl = current_seq.shape[0], is_channels_last(u)
     shape = memory_order(u, cl).shape
     current = memory_order(current_seq, cl).reshape(k, -1)
-    u = memory_order(u, cl).reshape(-1).clone()
     kernels = spiking_kernels.for_tensor(u)
     bits = window.record_until(window.steps + k) if record else None
     mask = None if mask is None else memory_order(mask, cl).reshape(-1)
-    out = kernels.fire(current, u, flat(window.lf), flat(window.n), bits, window.steps, v_th, leak, leaky_sum, mask)
+    out = kernels.fire(current, flat(u), flat(window.lf), flat(window.n), bits, window.steps, v_th, leak, leaky_sum,
+                       mask)
     window.steps += k
-    return logical_order(out.view(k, *shape), cl), logical_order(u.view(shape), cl)
+    return logical_order(out.view(k, *shape), cl)
 
 
 def _backprop(grad_spikes, window, t0, slope, grad_u):
     """The backward recursion over the chunk of steps t0, t0+1, ...; returns ∂L/∂I (k, B, ...) and
     gU' at its first step, in the layout of the spikes."""
-    k, cl = grad_spikes.shape[0], is_channels_last(window.n)
+    g, carry, cl = _backward_operands(grad_spikes, window, slope, grad_u)
     shape = memory_order(window.n, cl).shape
-    g = memory_order(grad_spikes, cl).reshape(k, -1)
+    grad_current, carry = spiking_kernels.for_tensor(slope).backprop(g, window.record, t0, slope, carry)
+    return logical_order(grad_current.view(g.shape[0], *shape), cl), logical_order(carry.view(shape), cl)
+
+
+def _backward_operands(grad_spikes, window, slope, grad_u):
+    """∂L/∂s (k, N) and gU' after the chunk (N,), a copy the recursion updates, in the memory order
+    of the membranes (channels-last: cl)."""
+    k, cl = grad_spikes.shape[0], is_channels_last(window.n)
     carry = torch.zeros_like(slope) if grad_u is None else \
         memory_order(grad_u, cl).reshape(-1).to(slope.dtype, copy=True)
-    grad_current, carry = spiking_kernels.for_tensor(slope).backprop(g, window.record, t0, slope, carry)
-    return logical_order(grad_current.view(k, *shape), cl), logical_order(carry.view(shape), cl)
+    return memory_order(grad_spikes, cl).reshape(k, -1), carry, cl
 
 
 class _Neuron(torch.autograd.Function):
@@ -137,7 +142,8 @@ class _Neuron(torch.autograd.Function):
     @staticmethod
     def forward(ctx, current_seq, u, window, v_th, leak, leak_corrected, mask):
         ctx.t0 = window.steps
-        spikes, u = _fire(current_seq, u, window, v_th, leak, leak_corrected, mask, record=True)
+        spikes = _fire(current_seq, u, window, v_th, leak, leak_corrected, mask, record=True)
+        ctx.mark_dirty(u)  # the membrane is carried in place: no copy per chunk (backward needs none of it)
         ctx.window, ctx.v_th, ctx.leak, ctx.leak_corrected, ctx.mask = window, v_th, leak, leak_corrected, mask
         return spikes, u
 
@@ -176,22 +182,26 @@ class SpikingNeurons(nn.Module):
         """Spikes per neuron, (B, ...), over the steps run so far in this forward pass."""
         return self.window.n
 
+    def _start(self, shape, like):
+        """The state for a new window: membranes (B, ...) = shape, in at least float32 (also under
+        bf16 autocast) and in the layout of the input chunk `like` (k, B, ...)."""
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        cl = like.dim() == 5 and is_channels_last(like[0])
+        self.u = torch.zeros(shape, dtype=dtype, device=like.device)
+        self.u = self.u.contiguous(memory_format=torch.channels_last) if cl else self.u
+        self.window.start(self.u)
+        if self.training and self.dropout > 0:
+            keep = torch.full_like(self.u, 1.0 - self.dropout)
+            self.mask = torch.bernoulli(keep) / (1.0 - self.dropout)
+
     def fire(self, current_seq):
-        if self.u is None:  # the membrane is kept in at least float32, also under bf16 autocast
-            dtype = torch.float64 if current_seq.dtype == torch.float64 else torch.float32
-            cl = current_seq.dim() == 5 and is_channels_last(current_seq[0])  # keep the input's layout
-            self.u = torch.zeros_like(current_seq[0], dtype=dtype,
-                                      memory_format=torch.channels_last if cl else torch.contiguous_format)
-            self.window.start(self.u)
-            if self.training and self.dropout > 0:
-                keep = torch.full_like(self.u, 1.0 - self.dropout)
-                self.mask = torch.bernoulli(keep) / (1.0 - self.dropout)
+        if self.u is None:
+            self._start(current_seq.shape[1:], current_seq)
         if torch.is_grad_enabled() and current_seq.requires_grad:
             spikes, self.u = _Neuron.apply(current_seq, self.u, self.window, self.v_th, self.leak,
                                            self.leak_corrected, self.mask)
         else:
-            spikes, self.u = _fire(current_seq, self.u, self.window, self.v_th, self.leak, False, self.mask,
-                                   record=False)
+            spikes = _fire(current_seq, self.u, self.window, self.v_th, self.leak, False, self.mask, record=False)
         return spikes
 
 
@@ -290,7 +300,7 @@ def _fired_spikes(x):
     fn, output = x.grad_fn, 0
     while fn is not None and type(fn).__name__ in _REINDEXING:
         fn, output = fn.next_functions[0]
-    return isinstance(fn, _Neuron._backward_cls) and output == 0
+    return isinstance(fn, (_Neuron._backward_cls, _PoolNeuron._backward_cls)) and output == 0
 
 
 class _Synapse(torch.autograd.Function):
@@ -401,11 +411,49 @@ class _AvgPool2x2(torch.autograd.Function):
         return spiking_kernels.for_tensor(g).unpool2x2(g).unflatten(0, grad.shape[:2])
 
 
+class _PoolNeuron(torch.autograd.Function):
+    """PoolIF over a chunk where the backend fuses the pooling into the neurons: one pass forward
+    (pool, integrate, fire) and one backward (the recursion, then 1/4 to each input), with the
+    arithmetic of _AvgPool2x2 and _Neuron."""
+
+    @staticmethod
+    def forward(ctx, spike_seq, u, window, v_th):
+        ctx.t0, ctx.window, ctx.shape = window.steps, window, spike_seq.shape
+        spikes = _pool_fire(spike_seq, u, window, v_th, record=True)
+        ctx.mark_dirty(u)
+        return spikes, u
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_u):
+        window = ctx.window
+        slope = window.slope(1.0, 1.0, False, None)
+        g, carry, cl = _backward_operands(grad_spikes, window, slope, grad_u)
+        grad_x = spiking_kernels.for_tensor(slope).backprop_unpool(g, window.record, ctx.t0, slope, carry,
+                                                                   ctx.shape, cl)
+        return grad_x, logical_order(carry.view(memory_order(window.n, cl).shape), cl), None, None
+
+
+def _pool_fire(spike_seq, u, window, v_th, record):
+    k = spike_seq.shape[0]
+    bits = window.record_until(window.steps + k) if record else None
+    spikes = spiking_kernels.for_tensor(u).pool_fire(spike_seq, u, window.n, bits, window.steps, v_th, 1.0)
+    window.steps += k
+    return spikes
+
+
 class PoolIF(IF):
-    """2×2 average pooling, then IF neurons."""
+    """2×2 average pooling, then IF neurons (in one pass where the backend fuses them)."""
 
     def forward(self, spike_seq):  # (k, B, C, H, W) -> (k, B, C, H/2, W/2)
-        return self.fire(_AvgPool2x2.apply(spike_seq))
+        if not spiking_kernels.for_tensor(spike_seq).fuses_pooling(spike_seq):
+            return self.fire(_AvgPool2x2.apply(spike_seq))
+        if self.u is None:
+            self._start((*spike_seq.shape[1:3], spike_seq.shape[3] // 2, spike_seq.shape[4] // 2), spike_seq)
+        if torch.is_grad_enabled() and spike_seq.requires_grad:
+            spikes, self.u = _PoolNeuron.apply(spike_seq, self.u, self.window, self.v_th)
+        else:
+            spikes = _pool_fire(spike_seq, self.u, self.window, self.v_th, record=False)
+        return spikes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from spiking_kernels.layout import channels_last
 LAYERS = {  # name: (in channels, out channels, kernel (0: Linear), padding, images per call, height = width)
     "lenet.cnn1": (1, 20, 5, 2, 256, 28),
     "lenet.cnn2": (20, 50, 5, 2, 256, 14),
+    "vgg9.cnn11": (3, 64, 3, 1, 160, 32),
     "lenet.fc0": (2450, 200, 0, 0, 256, 1),
     "vgg9.cnn12": (64, 64, 3, 1, 160, 32),
     "vgg9.cnn22": (128, 128, 3, 1, 160, 16),

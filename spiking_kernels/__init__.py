@@ -8,6 +8,7 @@ one of three backends that implement the same few functions on flat tensors in m
     backprop    the leak-aware backward recursion over a chunk
     pool2x2     2×2 average pooling, and unpool2x2 its gradient
     pack        spikes (0 or ±s) to int8 and the scalar s, for backward; unpack the way back
+    is_spike_train  whether a tensor holds only 0 and ±s (a given input's check)
     leaky_sum   the output integrator U = λ(U + I_t)
 
     tensor_ops  PyTorch tensor operations, per time step: any device (the readable statement)

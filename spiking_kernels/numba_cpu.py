@@ -11,10 +11,11 @@ import functools
 import math
 
 import numba
+import numpy as np
 import torch
 
 from . import numba_events, tensor_ops
-from .layout import flat, is_channels_last
+from .layout import channels_last as to_channels_last, flat, is_channels_last
 
 name = "numba"
 channels_last = True  # oneDNN's convolutions are fastest so on a CPU (docs/performance.md)
@@ -32,6 +33,10 @@ def _compiled(t):
 def _kernel(fn):
     # nogil: the loops of one call run on several threads at once, each over its own range
     return numba.njit(cache=True, nogil=True)(fn)
+
+
+def _inlined(fn):
+    return numba.njit(inline="always", cache=True)(fn)
 
 
 U64 = numba.uint64  # unsigned loop indices: numba then skips the negative-index check and vectorizes
@@ -199,6 +204,118 @@ def unpool2x2(g):
 
 
 # ----------------------------------------------------------------------------------------------
+# 2×2 pooling fused into the pooling neurons: one pass each way instead of pool + fire and
+# backprop + unpool, with the arithmetic of those (the same spikes and gradients, bit for bit)
+
+@_inlined
+def _pool_step(x, t, m, current, quarter):
+    """current (h·w·C) = 2×2 average of x[t, m] (2h, 2w, C), as _pool_cpu computes it."""
+    h, w, channels = x.shape[2] // 2, x.shape[3] // 2, x.shape[4]
+    for y in range(h):
+        for xx in range(w):
+            j = U64((y * w + xx) * channels)  # unsigned with c: int64 + uint64 would be a float64 index
+            for c in range(U64(channels)):
+                current[j + c] = (x[t, m, 2 * y, 2 * xx, c] + x[t, m, 2 * y, 2 * xx + 1, c]
+                                  + x[t, m, 2 * y + 1, 2 * xx, c] + x[t, m, 2 * y + 1, 2 * xx + 1, c]) * quarter
+
+
+@_inlined
+def _unpool_step(g, t, m, grad_x, quarter):
+    """grad_x[t, m] (2h, 2w, C) = 1/4 of g (h·w·C) at each of its 2×2 inputs, as _unpool_cpu."""
+    h, w, channels = grad_x.shape[2] // 2, grad_x.shape[3] // 2, grad_x.shape[4]
+    for y in range(h):
+        for xx in range(w):
+            j = U64((y * w + xx) * channels)
+            for c in range(U64(channels)):
+                q = g[j + c] * quarter
+                grad_x[t, m, 2 * y, 2 * xx, c] = q
+                grad_x[t, m, 2 * y, 2 * xx + 1, c] = q
+                grad_x[t, m, 2 * y + 1, 2 * xx, c] = q
+                grad_x[t, m, 2 * y + 1, 2 * xx + 1, c] = q
+
+
+@_kernel
+def _pool_fire_cpu(lo, hi, x, u, out, n, record, t0, v_th, leak, quarter):
+    """The pooled neurons of images lo..hi, (M, h·w·C) flat in u, n, out[t] and record: each step's
+    current, the 2×2 average of x[t] (k, M, 2h, 2w, C), is computed into a cached buffer, then
+    steps 2–5 run on it as in _fire_cpu."""
+    size = u.shape[0] // x.shape[1]
+    current = np.empty(size, dtype=x.dtype)
+    for m in range(lo, hi):
+        for t in range(x.shape[0]):
+            _pool_step(x, t, m, current, quarter)
+            plane, bit = (t0 + t) >> 3, (t0 + t) & 7
+            base = U64(m * size)
+            for i in range(base, base + U64(size)):
+                v = u[i] + current[i - base]
+                o = v > v_th
+                out[t, i] = o
+                u[i] = (0.0 if o else v) * leak
+                n[i] += o
+                if record.shape[0]:
+                    record[plane, i] |= o << bit
+
+
+@_kernel
+def _backprop_unpool_cpu(lo, hi, grad_spikes, record, t0, slope, carry, grad_x, quarter):
+    """_backprop_cpu for the pooled neurons of images lo..hi into a cached buffer per step, which
+    then goes as 1/4 to each of the step's 2×2 inputs in grad_x (k, M, 2h, 2w, C)."""
+    size = carry.shape[0] // grad_x.shape[1]
+    g = np.empty(size, dtype=carry.dtype)
+    for m in range(lo, hi):
+        for t in range(grad_spikes.shape[0] - 1, -1, -1):
+            plane, bit = (t0 + t) >> 3, (t0 + t) & 7
+            base = U64(m * size)
+            for i in range(base, base + U64(size)):
+                c = grad_spikes[t, i] * slope[i] if (record[plane, i] >> bit) & 1 else carry[i]
+                g[i - base] = c
+                carry[i] = c
+            _unpool_step(g, t, m, grad_x, quarter)
+
+
+def fuses_pooling(x):
+    """Whether pool_fire and backprop_unpool serve spikes x (k, B, C, H, W): compiled dtypes, even
+    sizes."""
+    return _compiled(x) and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0
+
+
+def _step_images(x, cl):
+    """x (k, B, C, H, W) in the layout cl as (k, M, H, W, C') in memory order (see _images)."""
+    k = x.shape[0]
+    x = x.flatten(0, 1)
+    x = to_channels_last(x) if cl else x.contiguous()
+    return _images(x, cl).unflatten(0, (k, -1))
+
+
+def pool_fire(x, u, n, record, t0, v_th, leak):
+    """IF neurons u (B, C, H/2, W/2) on the 2×2 average pooling of spikes x (k, B, C, H, W), in one
+    pass: returns the spikes (k, B, C, H/2, W/2) in u's layout; u, n and record are updated in
+    place (as fire with no leaky sum and no mask)."""
+    cl = is_channels_last(u)
+    images = _step_images(x, cl)
+    shape = (x.shape[0], *(u.permute(0, 2, 3, 1) if cl else u).shape)
+    out = torch.empty(x.shape[0], u.numel(), dtype=u.dtype)
+    _split(_pool_fire_cpu, images.shape[1], images.numpy(), flat(u).numpy(), out.numpy(), flat(n).numpy(),
+           (NO_RECORD if record is None else record).numpy(), t0, v_th, _as(u, leak),
+           images.numpy().dtype.type(0.25), grain=_maps(images[0]))
+    out = out.view(shape)
+    return out.permute(0, 1, 4, 2, 3) if cl else out
+
+
+def backprop_unpool(grad_spikes, record, t0, slope, carry, shape, cl):
+    """backprop for pooling neurons (grad_spikes (k, N) in their memory order) and the gradient of
+    their 2×2 pooling, in one pass: returns ∂L/∂x (k, B, C, H, W) = `shape` for the spikes x of
+    pool_fire, channels-last if cl (the membranes' layout); carry (N,) is updated in place."""
+    k = grad_spikes.shape[0]
+    grad_x = torch.empty(k * shape[1], *shape[2:], dtype=slope.dtype,
+                         memory_format=torch.channels_last if cl else torch.contiguous_format)
+    images = _images(grad_x, cl).unflatten(0, (k, -1))
+    _split(_backprop_unpool_cpu, images.shape[1], grad_spikes.to(slope.dtype).contiguous().numpy(), record.numpy(),
+           t0, slope.numpy(), carry.numpy(), images.numpy(), images.numpy().dtype.type(0.25), grain=_maps(images[0]))
+    return grad_x.unflatten(0, (k, shape[1]))
+
+
+# ----------------------------------------------------------------------------------------------
 # Spike packing
 
 @_kernel
@@ -212,6 +329,32 @@ def _pack_cpu(lo, hi, x, q):
         events += a != 0
         q[i] = (x[i] > 0) - (x[i] < 0)
     return largest, smallest, events
+
+
+@_kernel
+def _magnitudes_cpu(lo, hi, x):
+    """The largest and the smallest nonzero |x| of x[lo:hi]; NaN as the largest if there is one."""
+    largest, smallest = 0.0, math.inf
+    for i in range(U64(lo), U64(hi)):
+        a = abs(x[i])
+        if a != a:
+            return math.nan, smallest
+        largest = max(largest, a)
+        smallest = min(smallest, a if a != 0 else math.inf)
+    return largest, smallest
+
+
+def is_spike_train(x):
+    """tensor_ops.is_spike_train in one pass, without temporaries."""
+    if not _compiled(x):
+        return tensor_ops.is_spike_train(x)
+    if not (x.is_contiguous() or is_channels_last(x)):
+        x = x.contiguous()
+    parts = _split(_magnitudes_cpu, x.numel(), flat(x.detach()).numpy())
+    largest, smallest = max(p[0] for p in parts), min(p[1] for p in parts)
+    if any(math.isnan(p[0]) for p in parts):
+        return False
+    return largest == 0.0 or largest == smallest
 
 
 def pack(x, check=True):

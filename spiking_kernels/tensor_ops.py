@@ -67,6 +67,12 @@ NOT_SPIKES = ("a weight layer inside SpikingNetwork.forward received values othe
               "spikes): pass spikes to weight layers, e.g. two layers' currents rather than the sum of their spikes")
 
 
+def is_spike_train(x):
+    """Whether x holds only 0 and ±s for one s > 0 (or only zeros)."""
+    a = x.abs()
+    return bool(((a == 0) | (a == a.amax())).all())
+
+
 def pack(x, check=True):
     """(q, s, None) with x = q·s, q = sign(x) in int8, s = max|x|, if x holds only 0 and ±s; else
     None. check=False: x is spikes by construction, and a device-side assertion (no host sync)
@@ -91,3 +97,8 @@ def leaky_sum(current, u, leak):
         u += current[t]
         u *= leak
     return u
+
+
+def fuses_pooling(x):
+    """Whether pool_fire and backprop_unpool (2×2 pooling fused into IF neurons) serve x: not here."""
+    return False

@@ -190,3 +190,6 @@ def pack(x, check=True):
 pool2x2 = tensor_ops.pool2x2
 unpool2x2 = tensor_ops.unpool2x2
 unpack = tensor_ops.unpack
+is_spike_train = tensor_ops.is_spike_train
+
+fuses_pooling = tensor_ops.fuses_pooling

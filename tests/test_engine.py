@@ -558,6 +558,39 @@ def test_amp_drift_from_float32_is_bounded():
         assert (p16 - p32).norm() < 0.6 * (p32 - p0).norm(), name
 
 
+def test_pooling_fused_into_the_neurons_is_pool_then_fire_bit_for_bit(monkeypatch):
+    """numba runs PoolIF's pooling and neurons in one pass each way: the same float32 spikes, spike
+    counts and input gradients as pooling, then IF neurons, to the bit, split across threads, in
+    either layout; odd sizes take the two passes."""
+    calls = []
+    fused = numba_cpu.pool_fire
+    monkeypatch.setattr(numba_cpu, "pool_fire", lambda *a: calls.append(1) or fused(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        spikes = signed_spikes((6, 8, 20, 28, 28), rate=0.4).abs().float()
+        for channels_last in (False, True):
+            x = (spiking_kernels.layout.channels_last(spikes.flatten(0, 1)).unflatten(0, (6, 8)) if channels_last
+                 else spikes)
+            results = []
+            for fuse in (True, False):
+                monkeypatch.setattr(numba_cpu, "fuses_pooling", lambda x, fuse=fuse: fuse)
+                xx, pool = x.detach().requires_grad_(), sl.PoolIF()
+                out = run_chunks(pool, xx, 4)
+                g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0))
+                grad = torch.autograd.grad(out, xx, g)[0]
+                assert is_channels_last(pool.u) == channels_last
+                results.append((out, pool.spike_count, grad))
+            assert results[0][0].sum() > 0
+            for fused_result, separate in zip(*results):
+                assert torch.equal(fused_result, separate)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 2 * 2
+    monkeypatch.undo()
+    assert numba_cpu.fuses_pooling(spikes) and not numba_cpu.fuses_pooling(spikes[..., :27])
+
+
 def test_pooling_split_across_threads_is_exact():
     """Large chunks are pooled by several threads, each over its own images, in either layout: the
     result must equal avg_pool2d's and its gradient, to the bit, and keep the input's layout."""
@@ -578,6 +611,18 @@ def test_pooling_split_across_threads_is_exact():
             assert torch.equal(grad, ref_grad) and is_channels_last(grad) == channels_last
     finally:
         torch.set_num_threads(threads)
+
+
+def test_is_spike_train(backend, device):
+    """0 and ±s for one s (or only zeros) is a spike train; graded values, two magnitudes and NaN are
+    not; on every backend, in float32 and float64, in any layout."""
+    spikes = signed_spikes((3, 2, 4, 6, 6), device=device)
+    for dtype in (torch.float32, torch.float64):
+        x = spikes.to(dtype)
+        assert sl.is_spike_train(x) and sl.is_spike_train(x / 0.7) and sl.is_spike_train(torch.zeros_like(x))
+        assert sl.is_spike_train(x.abs().transpose(-1, -2)) and sl.is_spike_train(x[..., ::2])
+        for bad in (x * 0.5 + (x > 0) * 0.25, x + 0.1, x.masked_fill(x > 0, math.nan)):
+            assert not sl.is_spike_train(bad)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ tensor operations. Convolutions run channels-last (layout.py), and the loops wal
 """
 import concurrent.futures
 import functools
-import math
 
 import numba
 import numpy as np
@@ -318,58 +317,82 @@ def backprop_unpool(grad_spikes, record, t0, slope, carry, shape, cl):
 # ----------------------------------------------------------------------------------------------
 # Spike packing
 
+# On the bits of the floats: |x| is the bits without the sign, ordered as the magnitudes are (NaN
+# above infinity), so the extremes are integer max/min reductions, which vectorize.
+_BITS = {torch.float32: (np.uint32, np.uint32(0x7FFFFFFF), np.uint32(31), np.float32, 0x7F800000),
+         torch.float64: (np.uint64, np.uint64(0x7FFFFFFFFFFFFFFF), np.uint64(63), np.float64, 0x7FF0000000000000)}
+
+
 @_kernel
-def _pack_cpu(lo, hi, x, q):
-    """q = sign(x) as int8; returns the largest and the smallest nonzero |x|, and how many are nonzero."""
-    largest, smallest, events = 0.0, math.inf, 0
+def _pack_cpu(lo, hi, bits, q, magnitude, sign):
+    """q = sign(x) as int8 for the float bits of x; returns the largest and the smallest nonzero |x|
+    (as bits; the smallest is the magnitude mask if there is none) and how many are nonzero. All in
+    uint64: numba would turn mixed signed and unsigned integers into floats."""
+    largest, smallest, events, magnitude, sign = U64(0), U64(magnitude), U64(0), U64(magnitude), U64(sign)
     for i in range(U64(lo), U64(hi)):
-        a = abs(x[i])
+        b = U64(bits[i])
+        a = b & magnitude
+        nonzero = U64(a != 0)
         largest = max(largest, a)
-        smallest = min(smallest, a if a != 0 else math.inf)
-        events += a != 0
-        q[i] = (x[i] > 0) - (x[i] < 0)
+        smallest = min(smallest, a if nonzero else magnitude)
+        events += nonzero
+        q[i] = np.int8(nonzero) - np.int8(2 * ((b >> sign) & nonzero))
     return largest, smallest, events
 
 
 @_kernel
-def _magnitudes_cpu(lo, hi, x):
-    """The largest and the smallest nonzero |x| of x[lo:hi]; NaN as the largest if there is one."""
-    largest, smallest = 0.0, math.inf
+def _magnitudes_cpu(lo, hi, bits, magnitude):
+    """_pack_cpu's largest and smallest nonzero |x|, without q."""
+    largest, smallest, magnitude = U64(0), U64(magnitude), U64(magnitude)
     for i in range(U64(lo), U64(hi)):
-        a = abs(x[i])
-        if a != a:
-            return math.nan, smallest
+        a = U64(bits[i]) & magnitude
         largest = max(largest, a)
-        smallest = min(smallest, a if a != 0 else math.inf)
+        smallest = min(smallest, a if a != 0 else magnitude)
     return largest, smallest
+
+
+def _float_bits(x):
+    """x (float32/64, contiguous or channels-last) as its flat bits, and the masks for _pack_cpu."""
+    unsigned, magnitude, sign = _BITS[x.dtype][:3]
+    return flat(x.detach()).numpy().view(unsigned), magnitude, sign
+
+
+def _spike_value(parts, dtype):
+    """From the parts' (largest, smallest nonzero) |x| bits: the spike value s as a float, 0.0 for no
+    spikes, or None if x is not 0 and ±s (two magnitudes, NaN or infinity)."""
+    unsigned, _, _, real, infinity = _BITS[dtype]
+    largest, smallest = max(int(p[0]) for p in parts), min(int(p[1]) for p in parts)
+    if largest == 0:
+        return 0.0
+    if largest != smallest or largest >= infinity:
+        return None
+    return float(np.array(largest, unsigned).view(real))
 
 
 def is_spike_train(x):
     """tensor_ops.is_spike_train in one pass, without temporaries."""
-    if not _compiled(x):
+    if not _compiled(x) or x.numel() == 0:
         return tensor_ops.is_spike_train(x)
     if not (x.is_contiguous() or is_channels_last(x)):
         x = x.contiguous()
-    parts = _split(_magnitudes_cpu, x.numel(), flat(x.detach()).numpy())
-    largest, smallest = max(p[0] for p in parts), min(p[1] for p in parts)
-    if any(math.isnan(p[0]) for p in parts):
-        return False
-    return largest == 0.0 or largest == smallest
+    bits, magnitude, _ = _float_bits(x)
+    return _spike_value(_split(_magnitudes_cpu, bits.shape[0], bits, magnitude), x.dtype) is not None
 
 
 def pack(x, check=True):
     """tensor_ops.pack in one pass, always checked (the pass sees every value anyway); also returns
-    the number of events (nonzero inputs), which decides whether a convolution runs on events."""
-    if not _compiled(x):
+    the number of events (nonzero inputs), which decides whether a layer runs on events."""
+    if not _compiled(x) or x.numel() == 0:
         return tensor_ops.pack(x, check)
     if not (x.is_contiguous() or is_channels_last(x)):
         x = x.contiguous()
+    bits, magnitude, sign = _float_bits(x)
     q = torch.empty_like(x, dtype=torch.int8)
-    parts = _split(_pack_cpu, q.numel(), flat(x).numpy(), flat(q).numpy())
-    largest, smallest = max(p[0] for p in parts), min(p[1] for p in parts)
-    if largest not in (0.0, smallest):
+    parts = _split(_pack_cpu, bits.shape[0], bits, flat(q).numpy(), magnitude, sign)
+    s = _spike_value(parts, x.dtype)
+    if s is None:
         return None
-    return q, x.new_tensor(largest), sum(p[2] for p in parts)
+    return q, x.new_tensor(s), sum(p[2] for p in parts)
 
 
 # ----------------------------------------------------------------------------------------------

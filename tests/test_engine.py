@@ -625,6 +625,22 @@ def test_is_spike_train(backend, device):
             assert not sl.is_spike_train(bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_numba_pack_is_that_of_the_tensor_operations(dtype):
+    """numba's pack (on the floats' bits) gives the tensor operations' q and s, and the number of
+    events: unit, scaled, signed and all-zero spikes in either layout; graded values, NaN and
+    infinity are no spike train."""
+    spikes = signed_spikes((3, 2, 4, 6, 6)).to(dtype)
+    cl = spiking_kernels.layout.channels_last(spikes.flatten(0, 1))
+    for x in (spikes.abs(), spikes, spikes * 1.25, spikes / 0.7, torch.zeros_like(spikes), cl, -cl):
+        ours, theirs = numba_cpu.pack(x), spiking_kernels.tensor_ops.pack(x)
+        assert torch.equal(ours[0], theirs[0]) and ours[1].item() == theirs[1].item()
+        assert ours[2] == x.count_nonzero() and is_channels_last(ours[0]) == is_channels_last(x)
+    for x in (spikes * 0.5 + (spikes > 0) * 0.25, spikes.masked_fill(spikes > 0, math.nan),
+              spikes.masked_fill(spikes != 0, math.inf)):
+        assert numba_cpu.pack(x) is None
+
+
 @pytest.fixture
 def event_calls(monkeypatch):
     """Counts the calls of the event-driven output, weight gradient and input gradient."""
@@ -701,6 +717,7 @@ def test_input_gradients_on_events_in_lenet(monkeypatch, event_calls):
     take a neuron layer's spikes: their input gradients run on events, once per chunk, and the
     network's weight gradients equal the dense path's."""
     from mnist_LeNet import LeNet
+    torch.manual_seed(0)
     model = LeNet(time_steps=6, time_chunk=3).double()
     spikes = model.encode(torch.rand(2, 1, 28, 28, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
     grads = []

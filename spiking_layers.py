@@ -250,19 +250,20 @@ def spike_inputs(trusted=True):
         _SPIKE_INPUTS.reset(token)
 
 
-# A network's forward pass (and the backward of its chunks) is a scope over which a backend may
-# keep what it derives from a weight, e.g. the event kernels' weight rows, rather than per call.
+# A network is a scope over which a backend may keep what it derives from a weight while the weight
+# is unchanged (e.g. the event kernels' weight rows), over the chunks of a pass, its backward and
+# the passes after it; a layer called on its own has no scope.
 _SCOPE = contextvars.ContextVar("weight_scope", default=None)
 
 
 @contextlib.contextmanager
-def weight_scope():
-    """A new such scope for the weight layers called inside this block (and their backward)."""
-    token = _SCOPE.set(object())
+def weight_scope(token):
+    """The weight layers called inside this block (and their backward) are in the scope `token`."""
+    reset = _SCOPE.set(token)
     try:
         yield
     finally:
-        _SCOPE.reset(token)
+        _SCOPE.reset(reset)
 
 
 def _current(layer, spike_seq, weight, pack=True):
@@ -560,6 +561,7 @@ class SpikingNetwork(nn.Module):
         _check_leak(leak)
         self.time_steps, self.leak, self.time_chunk = time_steps, leak, time_chunk
         self.v_th = 1.0
+        self._weight_scope = object()  # this network's, for weight_scope (a copy of the network gets its own)
 
     def encode(self, images, generator=None):
         return poisson_encode(images, self.time_steps, self.input_scale, generator)
@@ -577,7 +579,7 @@ class SpikingNetwork(nn.Module):
                 m.reset()
         k = self.time_chunk or default_time_chunk(B, T, spike_seq.device, self.images_per_call)
         u, t, readouts = None, 0, []
-        with spike_inputs(spikes), weight_scope():
+        with spike_inputs(spikes), weight_scope(self._weight_scope):
             for chunk in spike_seq.split(k):
                 current_seq = self.step(chunk)
                 if u is None:

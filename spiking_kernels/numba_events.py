@@ -190,21 +190,21 @@ def crossovers(layer, table):
     return table["linear" if isinstance(layer, nn.Linear) else "conv"]
 
 
-_ROWS = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (scope, its version, its rows)
+_ROWS = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (scope, its version and storage, its rows)
 
 
 def _rows(weight, scope):
     """The weight as rows: (C, KH, KW·O), kw reversed, for a convolution, (I, O) for a Linear layer.
-    Kept over the calls of one scope (a network's forward pass and its backward: spiking_layers)
-    while the weight's version is unchanged; computed afresh without a scope (a change through
-    .data, which keeps the version, would otherwise go unseen)."""
-    cached = _ROWS.get(weight)
-    if scope is None or cached is None or cached[0] is not scope or cached[1] != weight._version:
+    Kept within a scope (a network: spiking_layers.weight_scope) while the weight is unchanged (its
+    version counter and storage: in-place updates, as optimizers and load_state_dict make, renew
+    them; a change through .data would go unseen); computed afresh without a scope."""
+    cached, stamp = _ROWS.get(weight), (weight._version, weight.data_ptr())
+    if scope is None or cached is None or cached[0] is not scope or cached[1] != stamp:
         w = weight.detach()
         rows = w.t().contiguous() if w.dim() == 2 else _conv_rows(w)
         if scope is None:
             return rows
-        cached = _ROWS[weight] = (scope, weight._version, rows)
+        cached = _ROWS[weight] = (scope, stamp, rows)
     return cached[2]
 
 

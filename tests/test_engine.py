@@ -732,6 +732,33 @@ def test_input_gradients_on_events_in_lenet(monkeypatch, event_calls):
         torch.testing.assert_close(events, dense, **TOL)
 
 
+def test_event_weight_rows_follow_the_weights(monkeypatch):
+    """The event kernels keep each weight's rows over a network's passes while it is unchanged: an
+    in-place update (as an optimizer's) or load_state_dict between passes is seen, so the output
+    stays the dense path's."""
+    torch.manual_seed(0)
+    model = Stack3(6).double().eval()
+    spikes = signed_spikes((6, 2, 2, 8, 8), rate=0.3).abs()
+    other = {k: v * 0.5 for k, v in model.state_dict().items()}
+
+    def outputs():
+        results = []
+        for threshold in (1.1, 0.0):
+            monkeypatch.setattr(numba_cpu, "EVENT_DENSITY", crossovers(threshold))
+            with torch.no_grad():
+                results.append(model(spikes))
+        torch.testing.assert_close(*results, **TOL)
+        return results[0]
+
+    first = outputs()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(-1.0)
+    assert not torch.allclose(outputs(), first)
+    model.load_state_dict(other)
+    outputs()
+
+
 def test_event_kernels_handle_padding_and_kernel_size():
     """The event kernels against oneDNN's: output, weight gradient and (everywhere the input
     fired) input gradient, for kernel sizes 3 and 5 with and without padding, and spikes at the

@@ -8,10 +8,11 @@ its firing steps (spiking_layers.py), so it is computed there, as one dot produc
 0 elsewhere. A trained network fires sparsely enough for this to beat the dense kernels; a fresh
 one on dense input does not, and the dense path is taken (EVENT_DENSITY). The results equal the
 dense ones up to the order of summation. Convolutions run channels-last: spikes (N, H, W, C),
-currents and their gradients (N, OH, OW, O), weights as rows (KH, KW, C, O) (Linear: (I, O)), so
-that a spike's rows are contiguous.
+currents and their gradients (N, OH, OW, O), weights as rows (see below), so that a spike's rows
+are contiguous.
 """
 import numba
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -133,40 +134,69 @@ def _conv_input_grad(lo, hi, q, g, w, out, pad, o, zero):
 
 
 # ----------------------------------------------------------------------------------------------
-# Fully connected layers: q (N, I) spikes, w as rows (I, O), g = ∂L/∂I (N, O)
+# Fully connected layers: q (N, I) spikes, the weight w (O, I) as it is, g = ∂L/∂I (N, O). The
+# inputs go in blocks of BLOCK, whose weight columns are copied into a buffer of contiguous rows
+# (BLOCK, O) that stays in cache while the images go by: no transposed copy of the weight is kept.
 
-# Inputs are taken in blocks of BLOCK whose weight rows stay in cache while the images go by.
 BLOCK = 64
 
 
 @_kernel
+def _columns(w, i0, i1, rows):
+    """rows[j, :O] = w[:, i0 + j] for the inputs i0..i1."""
+    for o in range(w.shape[0]):
+        for j in range(i1 - i0):
+            rows[j, o] = w[o, i0 + j]
+
+
+@_kernel
+def _row_buffer(outputs, dtype_of):
+    """A block's rows, one cache line longer than the O outputs: rows 4 KiB apart (O = 1024) would
+    all fall into the same cache sets."""
+    return np.empty((BLOCK, outputs + 16), dtype=dtype_of.dtype)
+
+
+@_kernel
 def _linear_forward(lo, hi, q, w, out):
-    """out[n] = Σ over the spikes q[n, i] of ±w[i], images lo..hi."""
+    """out[n] = Σ over the spikes q[n, i] of ±w[:, i], images lo..hi."""
+    rows = _row_buffer(w.shape[0], w)
     out[lo:hi] = 0
     for i0 in range(0, q.shape[1], BLOCK):
+        i1 = min(i0 + BLOCK, q.shape[1])
+        _columns(w, i0, i1, rows)
         for n in range(lo, hi):
-            for i in range(i0, min(i0 + BLOCK, q.shape[1])):
+            for i in range(i0, i1):
                 if q[n, i] != 0:
-                    _add_signed(out[n], w[i], q[n, i])
+                    _add_signed(out[n], rows[i - i0, :w.shape[0]], q[n, i])
 
 
 @_kernel
 def _linear_weight_grad(lo, hi, q, g, dw):
-    """Rows lo..hi of dw (I, O): dw[i] = Σ_n ±g[n] over the spikes q[n, i]."""
+    """Columns lo..hi of dw (O, I): dw[:, i] = Σ_n ±g[n] over the spikes q[n, i], summed block by
+    block in a buffer of rows, then written out."""
+    rows = _row_buffer(g.shape[1], dw)
     for i0 in range(lo, hi, BLOCK):
+        i1 = min(i0 + BLOCK, hi)
+        rows[:] = 0
         for n in range(q.shape[0]):
-            for i in range(i0, min(i0 + BLOCK, hi)):
+            for i in range(i0, i1):
                 if q[n, i] != 0:
-                    _add_signed(dw[i], g[n], q[n, i])
+                    _add_signed(rows[i - i0, :g.shape[1]], g[n], q[n, i])
+        for o in range(dw.shape[0]):
+            for j in range(i1 - i0):
+                dw[o, i0 + j] = rows[j, o]
 
 
 @_dot_kernel
 def _linear_input_grad(lo, hi, q, g, w, out, zero):
-    """out[n, i] = g[n] · w[i] where q[n, i] ≠ 0, else 0, inputs lo..hi."""
+    """out[n, i] = g[n] · w[:, i] where q[n, i] ≠ 0, else 0, inputs lo..hi."""
+    rows = _row_buffer(w.shape[0], w)
     for i0 in range(lo, hi, BLOCK):
+        i1 = min(i0 + BLOCK, hi)
+        _columns(w, i0, i1, rows)
         for n in range(q.shape[0]):
-            for i in range(i0, min(i0 + BLOCK, hi)):
-                out[n, i] = _dot(g[n], w[i], zero) if q[n, i] != 0 else zero
+            for i in range(i0, i1):
+                out[n, i] = _dot(g[n], rows[i - i0, :w.shape[0]], zero) if q[n, i] != 0 else zero
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,14 +224,13 @@ _ROWS = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (scope, its version 
 
 
 def _rows(weight, scope):
-    """The weight as rows: (C, KH, KW·O), kw reversed, for a convolution, (I, O) for a Linear layer.
+    """A convolution's weight as rows (C, KH, KW·O), kw reversed.
     Kept within a scope (a network: spiking_layers.weight_scope) while the weight is unchanged (its
     version counter and storage: in-place updates, as optimizers and load_state_dict make, renew
     them; a change through .data would go unseen); computed afresh without a scope."""
     cached, stamp = _ROWS.get(weight), (weight._version, weight.data_ptr())
     if scope is None or cached is None or cached[0] is not scope or cached[1] != stamp:
-        w = weight.detach()
-        rows = w.t().contiguous() if w.dim() == 2 else _conv_rows(w)
+        rows = _conv_rows(weight.detach())
         if scope is None:
             return rows
         cached = _ROWS[weight] = (scope, stamp, rows)
@@ -243,12 +272,12 @@ def _rows_of_images(x):
 def current(layer, q, s, weight, scope, split):
     """layer(q · s) on events. q: (..., C, H, W) or (..., I) int8 spikes; returns (N, O, OH, OW)
     channels-last, or (N, O)."""
-    rows = _rows(weight, scope)
     if isinstance(layer, nn.Linear):
         x = q.reshape(-1, q.shape[-1])
         out = weight.new_empty(x.shape[0], weight.shape[0])
-        split(_linear_forward, x.shape[0], x.numpy(), rows.numpy(), out.numpy(), grain=8)
+        split(_linear_forward, x.shape[0], x.numpy(), weight.detach().contiguous().numpy(), out.numpy(), grain=8)
         return _scaled(out, s)
+    rows = _rows(weight, scope)
     x, pad, o, kernel = _images(q), layer.padding[0], weight.shape[0], weight.shape[2]
     out = torch.empty(x.shape[0], o, *(n + 2 * pad - kernel + 1 for n in x.shape[1:3]), dtype=weight.dtype,
                       memory_format=torch.channels_last)
@@ -260,9 +289,9 @@ def weight_grad(layer, q, s, weight, grad_current, split):
     """∂L/∂w on events: q (..., C, H, W) or (..., I) int8 spikes, grad_current = ∂L/∂I."""
     if isinstance(layer, nn.Linear):
         x, g = q.reshape(-1, q.shape[-1]), grad_current.reshape(-1, weight.shape[0]).to(weight.dtype).contiguous()
-        rows = weight.new_zeros(weight.shape[1], weight.shape[0])
-        split(_linear_weight_grad, rows.shape[0], x.numpy(), g.numpy(), rows.numpy(), grain=64)
-        return _scaled(rows.t(), s)
+        dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        split(_linear_weight_grad, dw.shape[1], x.numpy(), g.numpy(), dw.numpy(), grain=BLOCK)
+        return _scaled(dw, s)
     x, g = _images(q), _rows_of_images(grad_current.to(weight.dtype))
     o, c, kernel, pad = weight.shape[0], weight.shape[1], weight.shape[2], layer.padding[0]
     threads = torch.get_num_threads()
@@ -281,12 +310,13 @@ def weight_grad(layer, q, s, weight, grad_current, split):
 def input_grad(layer, q, weight, grad_current, scope, split):
     """∂L/∂s where the input q (int8, (..., C, H, W) or (..., I)) fired, 0 elsewhere: what a neuron
     layer's backward reads of it. Returns (N, C, H, W) channels-last, or (N, I)."""
-    rows = _rows(weight, scope).to(grad_current.dtype)
     if isinstance(layer, nn.Linear):
         x, g = q.reshape(-1, q.shape[-1]), grad_current.reshape(-1, weight.shape[0]).contiguous()
+        w = weight.detach().to(g.dtype).contiguous()
         out = g.new_empty(x.shape)
-        split(_linear_input_grad, x.shape[1], x.numpy(), g.numpy(), rows.numpy(), out.numpy(), _zero(g), grain=BLOCK)
+        split(_linear_input_grad, x.shape[1], x.numpy(), g.numpy(), w.numpy(), out.numpy(), _zero(g), grain=BLOCK)
         return out
+    rows = _rows(weight, scope).to(grad_current.dtype)
     x, g = _images(q), _rows_of_images(grad_current)
     out = torch.empty(x.shape[0], x.shape[3], *x.shape[1:3], dtype=grad_current.dtype,
                       memory_format=torch.channels_last)

@@ -35,6 +35,7 @@ def _kernel(fn):
 
 
 def _inlined(fn):
+    # inlined into the calling kernels (the pooling steps of the fused pooling neurons)
     return numba.njit(inline="always", cache=True)(fn)
 
 

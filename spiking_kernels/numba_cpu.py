@@ -9,11 +9,11 @@ tensor operations. Convolutions run channels-last (layout.py), and the loops wal
 import concurrent.futures
 import functools
 
-import numba
 import numpy as np
 import torch
 
 from . import numba_events, tensor_ops
+from .numba_events import U64, _inlined, _kernel
 from .layout import channels_last as to_channels_last, flat, is_channels_last
 
 name = "numba"
@@ -29,17 +29,6 @@ def _compiled(t):
     return t.dtype in (torch.float32, torch.float64)
 
 
-def _kernel(fn):
-    # nogil: the loops of one call run on several threads at once, each over its own range
-    return numba.njit(cache=True, nogil=True)(fn)
-
-
-def _inlined(fn):
-    # inlined into the calling kernels (the pooling steps of the fused pooling neurons)
-    return numba.njit(inline="always", cache=True)(fn)
-
-
-U64 = numba.uint64  # unsigned loop indices: numba then skips the negative-index check and vectorizes
 BLOCK = 2048        # neurons per block: their state stays in L1 cache over a chunk's steps
 NO_RECORD = torch.empty(0, 0, dtype=torch.uint8)
 
@@ -143,28 +132,18 @@ def _as(u, leak):
 # 2×2 pooling, on images (M, H, W, C) in memory order: (N, H, W, C) channels-last, else (N·C, H, W, 1)
 
 @_kernel
-def _pool_cpu(lo, hi, x, out):
-    """out = 2×2 average of x, (M, H, W, C) -> (M, H/2, W/2, C), for images lo..hi."""
-    for m in range(U64(lo), U64(hi)):
-        for h in range(out.shape[1]):
-            for w in range(out.shape[2]):
-                for c in range(U64(out.shape[3])):
-                    out[m, h, w, c] = (x[m, 2 * h, 2 * w, c] + x[m, 2 * h, 2 * w + 1, c]
-                                       + x[m, 2 * h + 1, 2 * w, c] + x[m, 2 * h + 1, 2 * w + 1, c]) * 0.25
+def _pool_cpu(lo, hi, x, out, quarter):
+    """out (M, h·w·C) = 2×2 average of x (1, M, 2h, 2w, C), images lo..hi (_pool_step)."""
+    for m in range(lo, hi):
+        _pool_step(x, 0, m, out[m], quarter)
 
 
 @_kernel
-def _unpool_cpu(lo, hi, g, out):
-    """The gradient of 2×2 average pooling: each input gets 1/4 of its output's gradient."""
-    for m in range(U64(lo), U64(hi)):
-        for h in range(g.shape[1]):
-            for w in range(g.shape[2]):
-                for c in range(U64(g.shape[3])):
-                    q = g[m, h, w, c] * 0.25
-                    out[m, 2 * h, 2 * w, c] = q
-                    out[m, 2 * h, 2 * w + 1, c] = q
-                    out[m, 2 * h + 1, 2 * w, c] = q
-                    out[m, 2 * h + 1, 2 * w + 1, c] = q
+def _unpool_cpu(lo, hi, g, out, quarter):
+    """The gradient of 2×2 average pooling: out (1, M, 2h, 2w, C) gets 1/4 of g (M, h·w·C) at each
+    of an output's inputs, images lo..hi (_unpool_step)."""
+    for m in range(lo, hi):
+        _unpool_step(g[m], 0, m, out, quarter)
 
 
 def _images(x, channels_last):
@@ -180,27 +159,32 @@ def _maps(x):
     return max(1, 32768 // (x.shape[1] * x.shape[2] * x.shape[3]))
 
 
-def _pool_images(kernel, x, out_size):
-    """Runs a 2×2 pooling loop from x (N, C, H, W) to a new (N, C, *out_size), both in x's layout."""
+def _pool_images(x, out_size):
+    """Runs 2×2 pooling (out_size smaller) or its gradient (larger) from x (N, C, H, W) to a new
+    (N, C, *out_size), both in x's layout, with the loops of the fused pooling neurons."""
     cl = is_channels_last(x)
     x = x if cl else x.contiguous()
     out = torch.empty(*x.shape[:2], *out_size, dtype=x.dtype,
                       memory_format=torch.channels_last if cl else torch.contiguous_format)
     x, o = _images(x, cl), _images(out, cl)
-    _split(kernel, x.shape[0], x.numpy(), o.numpy(), grain=_maps(x if x.shape[1] > o.shape[1] else o))
+    pooling = x.shape[1] > o.shape[1]
+    kernel, fine, coarse = (_pool_cpu, x, o) if pooling else (_unpool_cpu, o, x)
+    args = (fine[None], coarse.reshape(coarse.shape[0], -1)) if pooling else (coarse.reshape(coarse.shape[0], -1),
+                                                                               fine[None])
+    _split(kernel, x.shape[0], *(a.numpy() for a in args), x.numpy().dtype.type(0.25), grain=_maps(fine))
     return out
 
 
 def pool2x2(x):
     if not _compiled(x):
         return tensor_ops.pool2x2(x)
-    return _pool_images(_pool_cpu, x, (x.shape[2] // 2, x.shape[3] // 2))
+    return _pool_images(x, (x.shape[2] // 2, x.shape[3] // 2))
 
 
 def unpool2x2(g):
     if not _compiled(g):
         return tensor_ops.unpool2x2(g)
-    return _pool_images(_unpool_cpu, g, (2 * g.shape[2], 2 * g.shape[3]))
+    return _pool_images(g, (2 * g.shape[2], 2 * g.shape[3]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -209,7 +193,7 @@ def unpool2x2(g):
 
 @_inlined
 def _pool_step(x, t, m, current, quarter):
-    """current (h·w·C) = 2×2 average of x[t, m] (2h, 2w, C), as _pool_cpu computes it."""
+    """current (h·w·C) = 2×2 average of x[t, m] (2h, 2w, C)."""
     h, w, channels = x.shape[2] // 2, x.shape[3] // 2, x.shape[4]
     for y in range(h):
         for xx in range(w):
@@ -221,7 +205,7 @@ def _pool_step(x, t, m, current, quarter):
 
 @_inlined
 def _unpool_step(g, t, m, grad_x, quarter):
-    """grad_x[t, m] (2h, 2w, C) = 1/4 of g (h·w·C) at each of its 2×2 inputs, as _unpool_cpu."""
+    """grad_x[t, m] (2h, 2w, C) = 1/4 of g (h·w·C) at each of its 2×2 inputs."""
     h, w, channels = grad_x.shape[2] // 2, grad_x.shape[3] // 2, grad_x.shape[4]
     for y in range(h):
         for xx in range(w):

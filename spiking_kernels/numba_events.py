@@ -28,6 +28,7 @@ EVENT_DENSITY = dict(conv=dict(forward=0.12, weight_grad=0.12, input_grad=0.15),
 
 
 def _kernel(fn):
+    # nogil: the loops of one call run on several threads at once, each over its own range
     return numba.njit(cache=True, nogil=True)(fn)
 
 
@@ -37,7 +38,8 @@ def _dot_kernel(fn):
 
 
 def _inlined(fn):
-    # inlined into the calling kernels: as a plain call, the event kernels ran several times slower
+    # inlined into the calling kernels (numba_cpu's too): as a plain call, the event kernels ran
+    # several times slower
     return numba.njit(inline="always", cache=True)(fn)
 
 

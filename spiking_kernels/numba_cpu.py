@@ -29,8 +29,7 @@ def _compiled(t):
     return t.dtype in (torch.float32, torch.float64)
 
 
-BLOCK = 2048        # neurons per block: their state stays in L1 cache over a chunk's steps
-NO_RECORD = torch.empty(0, 0, dtype=torch.uint8)
+BLOCK = 65536       # neurons per block: their state stays in L2 cache over a chunk's steps, in long streaming runs
 
 
 def _split(kernel, n, *args, grain=32768):
@@ -53,21 +52,27 @@ def _helper_threads(workers):
 # Neurons
 
 @_kernel
-def _fire_cpu(lo, hi, current, u, out, lf, n, v_th, leak, leaky_sum, record, t0, mask):
-    """Steps 2–5 for k steps of neurons lo..hi, N ← N + o_t, LF ← λ·LF + o_t; spike o_s (s = t0 + t)
-    goes to bit s % 8 of record[s // 8] if there is a record, out[t] = o_t (times mask[i] if any)."""
+def _fire_cpu(lo, hi, current, u, out, lf, n, v_th, leak, record, t0, mask):
+    """Steps 2–5 for k steps of neurons lo..hi, N ← N + o_t, LF ← λ·LF + o_t if there is an lf;
+    spike o_s (s = t0 + t) goes to bit s % 8 of record[s // 8] if there is a record, out[t] = o_t
+    (times mask[i] if there is a mask). lf, record and mask may be None: numba then compiles a
+    kernel without them. V_th and λ come in the membrane's dtype: the kernel then runs in it."""
+    zero = u.dtype.type(0)
     for b in range(lo, hi, BLOCK):  # a block's membranes stay in cache over the k steps
         for t in range(current.shape[0]):
             plane, bit = (t0 + t) >> 3, (t0 + t) & 7
             for i in range(U64(b), U64(min(b + BLOCK, hi))):
                 v = u[i] + current[t, i]             # step 2: integrate
                 o = v > v_th                         # step 3: fire, strictly above threshold
-                out[t, i] = (mask[i] if o else 0.0) if mask.shape[0] else o
-                u[i] = (0.0 if o else v) * leak      # steps 4–5: hard reset, leak
+                if mask is None:
+                    out[t, i] = o
+                else:
+                    out[t, i] = mask[i] if o else zero
+                u[i] = (zero if o else v) * leak     # steps 4–5: hard reset, leak
                 n[i] += o
-                if leaky_sum:
+                if lf is not None:
                     lf[i] = lf[i] * leak + o
-                if record.shape[0]:
+                if record is not None:
                     record[plane, i] |= o << bit
 
 
@@ -97,10 +102,9 @@ def fire(current, u, lf, n, record, t0, v_th, leak, leaky_sum, mask):
     """tensor_ops.fire, compiled; the spikes are in the membrane's dtype (numba has no bf16)."""
     current = current.to(u.dtype).contiguous()
     out = torch.empty(current.shape, dtype=u.dtype)
-    no_mask = torch.empty(0, dtype=u.dtype)
-    _split(_fire_cpu, u.numel(), current.numpy(), u.numpy(), out.numpy(), lf.numpy(), n.numpy(), v_th,
-           _as(u, leak), leaky_sum, (NO_RECORD if record is None else record).numpy(), t0,
-           (no_mask if mask is None else mask.to(u.dtype)).numpy())
+    _split(_fire_cpu, u.numel(), current.numpy(), u.numpy(), out.numpy(), lf.numpy() if leaky_sum else None,
+           n.numpy(), _as(u, v_th), _as(u, leak), None if record is None else record.numpy(), t0,
+           None if mask is None else mask.to(u.dtype).numpy())
     return out
 
 
@@ -122,10 +126,11 @@ def leaky_sum(current, u, leak):
     return u
 
 
-def _as(u, leak):
-    """λ in the membrane's dtype, as the tensor operations use it: a float64 λ would make every
-    float32 leak step λ·U round differently (and, over many steps, flip spikes)."""
-    return u.numpy().dtype.type(leak)
+def _as(u, value):
+    """V_th or λ in the membrane's dtype, as the tensor operations use them: a float64 λ would make
+    every float32 leak step λ·U round differently (and, over many steps, flip spikes), and a float64
+    V_th that float32 cannot hold (0.3) would let U = float32(0.3) fire."""
+    return u.numpy().dtype.type(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,9 +227,9 @@ def _unpool_step(g, t, m, grad_x, quarter):
 def _pool_fire_cpu(lo, hi, x, u, out, n, record, t0, v_th, leak, quarter):
     """The pooled neurons of images lo..hi, (M, h·w·C) flat in u, n, out[t] and record: each step's
     current, the 2×2 average of x[t] (k, M, 2h, 2w, C), is computed into a cached buffer, then
-    steps 2–5 run on it as in _fire_cpu."""
+    steps 2–5 run on it as in _fire_cpu (record may be None)."""
     size = u.shape[0] // x.shape[1]
-    current = np.empty(size, dtype=x.dtype)
+    current, zero = np.empty(size, dtype=x.dtype), u.dtype.type(0)
     for m in range(lo, hi):
         for t in range(x.shape[0]):
             _pool_step(x, t, m, current, quarter)
@@ -234,9 +239,9 @@ def _pool_fire_cpu(lo, hi, x, u, out, n, record, t0, v_th, leak, quarter):
                 v = u[i] + current[i - base]
                 o = v > v_th
                 out[t, i] = o
-                u[i] = (0.0 if o else v) * leak
+                u[i] = (zero if o else v) * leak
                 n[i] += o
-                if record.shape[0]:
+                if record is not None:
                     record[plane, i] |= o << bit
 
 
@@ -280,7 +285,7 @@ def pool_fire(x, u, n, record, t0, v_th, leak):
     shape = (x.shape[0], *(u.permute(0, 2, 3, 1) if cl else u).shape)
     out = torch.empty(x.shape[0], u.numel(), dtype=u.dtype)
     _split(_pool_fire_cpu, images.shape[1], images.numpy(), flat(u).numpy(), out.numpy(), flat(n).numpy(),
-           (NO_RECORD if record is None else record).numpy(), t0, v_th, _as(u, leak),
+           None if record is None else record.numpy(), t0, _as(u, v_th), _as(u, leak),
            images.numpy().dtype.type(0.25), grain=_maps(images[0]))
     out = out.view(shape)
     return out.permute(0, 1, 4, 2, 3) if cl else out

@@ -156,21 +156,28 @@ def test_float32_spikes_match_reference(backend, device):
 
 
 @pytest.mark.parametrize("name", ["numba", "triton"])
-def test_float32_state_is_that_of_the_tensor_operations_bit_for_bit(name):
+@pytest.mark.parametrize("v_th", [1.0, 0.3])
+def test_float32_state_is_that_of_the_tensor_operations_bit_for_bit(name, v_th):
     """In float32 the compiled loops round as the tensor operations (and the authors' PyTorch code)
     do: λ·U in float32, one rounding per step. A membrane off by one ulp after a few steps may sit
-    on the other side of V_th many steps later, so membranes, N and LF must be identical, not close."""
+    on the other side of V_th many steps later, so membranes, N, LF and the record must be
+    identical, not close. V_th is compared in float32 too: 0.3 is no float32, and a membrane of
+    exactly float32(0.3) does not fire. The numba loops run over several blocks of neurons."""
     kernels = spiking_kernels._load(name)
     if not kernels.runs_on(torch.empty(0)):
         pytest.skip(f"{name} does not run on CPU tensors here")
+    size = 2 * kernels.BLOCK + 37 if name == "numba" else 5000
     g = torch.Generator().manual_seed(0)
-    current, u0 = torch.rand(60, 5000, generator=g) * 0.4, torch.rand(5000, generator=g)
+    current, u0 = torch.rand(60, size, generator=g) * 0.4, torch.rand(size, generator=g)
+    current[0, ::7] = v_th  # from U = 0: exactly float32(V_th) after the first step
     states = []
     for impl in (kernels, spiking_kernels.tensor_ops):
-        u, lf, n = torch.zeros(5000), torch.zeros(5000), torch.zeros(5000)
-        out = impl.fire(current, u, lf, n, None, 0, 1.0, 0.99, True, None)
-        states.append((out, u, lf, n, impl.leaky_sum(current, u0, 0.99)))
+        u, lf, n = torch.zeros(size), torch.zeros(size), torch.zeros(size)
+        record = torch.zeros(8, size, dtype=torch.uint8)
+        out = impl.fire(current, u, lf, n, record, 0, v_th, 0.99, True, None)
+        states.append((out, u, lf, n, record, impl.leaky_sum(current, u0, 0.99)))
     assert states[0][0].sum() > 0 and all(torch.equal(a, b) for a, b in zip(*states))
+    assert not states[1][0][0, ::7].any()
 
 
 def test_neurons_and_pooling_keep_either_layout(backend, device):

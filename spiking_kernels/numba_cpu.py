@@ -137,18 +137,19 @@ def _as(u, value):
 # 2×2 pooling, on images (M, H, W, C) in memory order: (N, H, W, C) channels-last, else (N·C, H, W, 1)
 
 @_kernel
-def _pool_cpu(lo, hi, x, out, quarter):
-    """out (M, h·w·C) = 2×2 average of x (1, M, 2h, 2w, C), images lo..hi (_pool_step)."""
+def _pool_cpu(lo, hi, x, out, quarter, channels):
+    """out (M, h·w·C) = 2×2 average of x (1, M, 2h, 2w·C), images lo..hi (_pool_step)."""
+    pairs = np.empty(x.shape[3] - channels, dtype=x.dtype)
     for m in range(lo, hi):
-        _pool_step(x, 0, m, out[m], quarter)
+        _pool_step(x, 0, m, out[m], quarter, channels, pairs)
 
 
 @_kernel
-def _unpool_cpu(lo, hi, g, out, quarter):
-    """The gradient of 2×2 average pooling: out (1, M, 2h, 2w, C) gets 1/4 of g (M, h·w·C) at each
+def _unpool_cpu(lo, hi, g, out, quarter, channels):
+    """The gradient of 2×2 average pooling: out (1, M, 2h, 2w·C) gets 1/4 of g (M, h·w·C) at each
     of an output's inputs, images lo..hi (_unpool_step)."""
     for m in range(lo, hi):
-        _unpool_step(g[m], 0, m, out, quarter)
+        _unpool_step(g[m], 0, m, out, quarter, channels)
 
 
 def _images(x, channels_last):
@@ -157,6 +158,11 @@ def _images(x, channels_last):
     if channels_last:
         return x.permute(0, 2, 3, 1)
     return x.view(-1, 1, *x.shape[2:]).permute(0, 2, 3, 1)
+
+
+def _rows(images):
+    """Images (..., H, W, C) in memory order as rows (..., H, W·C), a view."""
+    return images.view(*images.shape[:-2], -1)
 
 
 def _maps(x):
@@ -174,9 +180,10 @@ def _pool_images(x, out_size):
     x, o = _images(x, cl), _images(out, cl)
     pooling = x.shape[1] > o.shape[1]
     kernel, fine, coarse = (_pool_cpu, x, o) if pooling else (_unpool_cpu, o, x)
-    args = (fine[None], coarse.reshape(coarse.shape[0], -1)) if pooling else (coarse.reshape(coarse.shape[0], -1),
-                                                                               fine[None])
-    _split(kernel, x.shape[0], *(a.numpy() for a in args), x.numpy().dtype.type(0.25), grain=_maps(fine))
+    rows = _rows(fine[None])
+    args = (rows, coarse.reshape(coarse.shape[0], -1)) if pooling else (coarse.reshape(coarse.shape[0], -1), rows)
+    _split(kernel, x.shape[0], *(a.numpy() for a in args), x.numpy().dtype.type(0.25), fine.shape[3],
+           grain=_maps(fine))
     return out
 
 
@@ -197,42 +204,52 @@ def unpool2x2(g):
 # backprop + unpool, with the arithmetic of those (the same spikes and gradients, bit for bit)
 
 @_inlined
-def _pool_step(x, t, m, current, quarter):
-    """current (h·w·C) = 2×2 average of x[t, m] (2h, 2w, C)."""
-    h, w, channels = x.shape[2] // 2, x.shape[3] // 2, x.shape[4]
+def _pool_step(x, t, m, current, quarter, channels, pairs):
+    """current (h·w·C) = 2×2 average of x[t, m] (2h, 2w·C), summed in the order of pool2x2: an
+    input, its right neighbour, then the two below. Along a row pair every input is summed with
+    its neighbours into pairs (C less than a row), one long loop that vectorizes, of which the
+    even inputs' sums are kept (all unsigned: int64 with uint64 would be float64 indices)."""
+    c_, row, two = U64(channels), U64(x.shape[3]), U64(2)
+    h, w = U64(x.shape[2]) // two, row // (two * c_)
     for y in range(h):
+        top, bottom = x[t, m, two * y], x[t, m, two * y + U64(1)]
+        for j in range(row - c_):
+            pairs[j] = top[j] + top[j + c_] + bottom[j] + bottom[j + c_]
         for xx in range(w):
-            j = U64((y * w + xx) * channels)  # unsigned with c: int64 + uint64 would be a float64 index
-            for c in range(U64(channels)):
-                current[j + c] = (x[t, m, 2 * y, 2 * xx, c] + x[t, m, 2 * y, 2 * xx + 1, c]
-                                  + x[t, m, 2 * y + 1, 2 * xx, c] + x[t, m, 2 * y + 1, 2 * xx + 1, c]) * quarter
+            a, b = (y * w + xx) * c_, two * xx * c_
+            for c in range(c_):
+                current[a + c] = pairs[b + c] * quarter
 
 
 @_inlined
-def _unpool_step(g, t, m, grad_x, quarter):
-    """grad_x[t, m] (2h, 2w, C) = 1/4 of g (h·w·C) at each of its 2×2 inputs."""
-    h, w, channels = grad_x.shape[2] // 2, grad_x.shape[3] // 2, grad_x.shape[4]
+def _unpool_step(g, t, m, grad_x, quarter, channels):
+    """grad_x[t, m] (2h, 2w·C) = 1/4 of g (h·w·C) at each of its 2×2 inputs: the upper row input
+    by input, the lower row a copy of it."""
+    c_, row, two = U64(channels), U64(grad_x.shape[3]), U64(2)
+    h, w = U64(grad_x.shape[2]) // two, row // (two * c_)
     for y in range(h):
+        top, bottom = grad_x[t, m, two * y], grad_x[t, m, two * y + U64(1)]
         for xx in range(w):
-            j = U64((y * w + xx) * channels)
-            for c in range(U64(channels)):
-                q = g[j + c] * quarter
-                grad_x[t, m, 2 * y, 2 * xx, c] = q
-                grad_x[t, m, 2 * y, 2 * xx + 1, c] = q
-                grad_x[t, m, 2 * y + 1, 2 * xx, c] = q
-                grad_x[t, m, 2 * y + 1, 2 * xx + 1, c] = q
+            a, b = (y * w + xx) * c_, two * xx * c_
+            for c in range(c_):
+                q = g[a + c] * quarter
+                top[b + c] = q
+                top[b + c_ + c] = q
+        for j in range(row):
+            bottom[j] = top[j]
 
 
 @_kernel
-def _pool_fire_cpu(lo, hi, x, u, out, n, record, t0, v_th, leak, quarter):
+def _pool_fire_cpu(lo, hi, x, u, out, n, record, t0, v_th, leak, quarter, channels):
     """The pooled neurons of images lo..hi, (M, h·w·C) flat in u, n, out[t] and record: each step's
-    current, the 2×2 average of x[t] (k, M, 2h, 2w, C), is computed into a cached buffer, then
+    current, the 2×2 average of x[t] (k, M, 2h, 2w·C), is computed into a cached buffer, then
     steps 2–5 run on it as in _fire_cpu (record may be None)."""
     size = u.shape[0] // x.shape[1]
     current, zero = np.empty(size, dtype=x.dtype), u.dtype.type(0)
+    pairs = np.empty(x.shape[3] - channels, dtype=x.dtype)
     for m in range(lo, hi):
         for t in range(x.shape[0]):
-            _pool_step(x, t, m, current, quarter)
+            _pool_step(x, t, m, current, quarter, channels, pairs)
             plane, bit = (t0 + t) >> 3, (t0 + t) & 7
             base = U64(m * size)
             for i in range(base, base + U64(size)):
@@ -246,9 +263,9 @@ def _pool_fire_cpu(lo, hi, x, u, out, n, record, t0, v_th, leak, quarter):
 
 
 @_kernel
-def _backprop_unpool_cpu(lo, hi, grad_spikes, record, t0, slope, carry, grad_x, quarter):
+def _backprop_unpool_cpu(lo, hi, grad_spikes, record, t0, slope, carry, grad_x, quarter, channels):
     """_backprop_cpu for the pooled neurons of images lo..hi into a cached buffer per step, which
-    then goes as 1/4 to each of the step's 2×2 inputs in grad_x (k, M, 2h, 2w, C)."""
+    then goes as 1/4 to each of the step's 2×2 inputs in grad_x (k, M, 2h, 2w·C)."""
     size = carry.shape[0] // grad_x.shape[1]
     g = np.empty(size, dtype=carry.dtype)
     for m in range(lo, hi):
@@ -259,7 +276,7 @@ def _backprop_unpool_cpu(lo, hi, grad_spikes, record, t0, slope, carry, grad_x, 
                 c = grad_spikes[t, i] * slope[i] if (record[plane, i] >> bit) & 1 else carry[i]
                 g[i - base] = c
                 carry[i] = c
-            _unpool_step(g, t, m, grad_x, quarter)
+            _unpool_step(g, t, m, grad_x, quarter, channels)
 
 
 def fuses_pooling(x):
@@ -284,9 +301,9 @@ def pool_fire(x, u, n, record, t0, v_th, leak):
     images = _step_images(x, cl)
     shape = (x.shape[0], *(u.permute(0, 2, 3, 1) if cl else u).shape)
     out = torch.empty(x.shape[0], u.numel(), dtype=u.dtype)
-    _split(_pool_fire_cpu, images.shape[1], images.numpy(), flat(u).numpy(), out.numpy(), flat(n).numpy(),
+    _split(_pool_fire_cpu, images.shape[1], _rows(images).numpy(), flat(u).numpy(), out.numpy(), flat(n).numpy(),
            None if record is None else record.numpy(), t0, _as(u, v_th), _as(u, leak),
-           images.numpy().dtype.type(0.25), grain=_maps(images[0]))
+           images.numpy().dtype.type(0.25), images.shape[4], grain=_maps(images[0]))
     out = out.view(shape)
     return out.permute(0, 1, 4, 2, 3) if cl else out
 
@@ -300,7 +317,8 @@ def backprop_unpool(grad_spikes, record, t0, slope, carry, shape, cl):
                          memory_format=torch.channels_last if cl else torch.contiguous_format)
     images = _images(grad_x, cl).unflatten(0, (k, -1))
     _split(_backprop_unpool_cpu, images.shape[1], grad_spikes.to(slope.dtype).contiguous().numpy(), record.numpy(),
-           t0, slope.numpy(), carry.numpy(), images.numpy(), images.numpy().dtype.type(0.25), grain=_maps(images[0]))
+           t0, slope.numpy(), carry.numpy(), _rows(images).numpy(), images.numpy().dtype.type(0.25), images.shape[4],
+           grain=_maps(images[0]))
     return grad_x.unflatten(0, (k, shape[1]))
 
 

@@ -136,69 +136,48 @@ def _conv_input_grad(lo, hi, q, g, w, out, pad, o, zero):
 
 
 # ----------------------------------------------------------------------------------------------
-# Fully connected layers: q (N, I) spikes, the weight w (O, I) as it is, g = ∂L/∂I (N, O). The
-# inputs go in blocks of BLOCK, whose weight columns are copied into a buffer of contiguous rows
-# (BLOCK, O) that stays in cache while the images go by: no transposed copy of the weight is kept.
+# Fully connected layers: q (N, I) spikes, g = ∂L/∂I (N, O). The output and the input gradient read
+# the weight as rows (I, O), one per input (kept as the convolutions' rows are: _rows); the weight
+# gradient is summed in blocks of BLOCK inputs' rows, in a buffer that stays in cache while the
+# images go by, then written into dw (O, I).
 
 BLOCK = 64
 
 
 @_kernel
-def _columns(w, i0, i1, rows):
-    """rows[j, :O] = w[:, i0 + j] for the inputs i0..i1."""
-    for o in range(w.shape[0]):
-        for j in range(i1 - i0):
-            rows[j, o] = w[o, i0 + j]
-
-
-@_kernel
-def _row_buffer(outputs, dtype_of):
-    """A block's rows, one cache line longer than the O outputs: rows 4 KiB apart (O = 1024) would
-    all fall into the same cache sets."""
-    return np.empty((BLOCK, outputs + 16), dtype=dtype_of.dtype)
-
-
-@_kernel
-def _linear_forward(lo, hi, q, w, out):
-    """out[n] = Σ over the spikes q[n, i] of ±w[:, i], images lo..hi."""
-    rows = _row_buffer(w.shape[0], w)
+def _linear_forward(lo, hi, q, rows, out):
+    """out[n] = Σ over the spikes q[n, i] of ±rows[i], images lo..hi."""
     out[lo:hi] = 0
-    for i0 in range(0, q.shape[1], BLOCK):
-        i1 = min(i0 + BLOCK, q.shape[1])
-        _columns(w, i0, i1, rows)
-        for n in range(lo, hi):
-            for i in range(i0, i1):
-                if q[n, i] != 0:
-                    _add_signed(out[n], rows[i - i0, :w.shape[0]], q[n, i])
+    for n in range(lo, hi):
+        for i in range(q.shape[1]):
+            if q[n, i] != 0:
+                _add_signed(out[n], rows[i], q[n, i])
 
 
 @_kernel
 def _linear_weight_grad(lo, hi, q, g, dw):
     """Columns lo..hi of dw (O, I): dw[:, i] = Σ_n ±g[n] over the spikes q[n, i], summed block by
-    block in a buffer of rows, then written out."""
-    rows = _row_buffer(g.shape[1], dw)
+    block in a buffer of rows one cache line longer than O (rows 4 KiB apart, as for O = 1024,
+    would all fall into the same cache sets), then written out."""
+    buffer = np.empty((BLOCK, g.shape[1] + 16), dtype=dw.dtype)
     for i0 in range(lo, hi, BLOCK):
         i1 = min(i0 + BLOCK, hi)
-        rows[:] = 0
+        buffer[:] = 0
         for n in range(q.shape[0]):
             for i in range(i0, i1):
                 if q[n, i] != 0:
-                    _add_signed(rows[i - i0, :g.shape[1]], g[n], q[n, i])
+                    _add_signed(buffer[i - i0, :g.shape[1]], g[n], q[n, i])
         for o in range(dw.shape[0]):
             for j in range(i1 - i0):
-                dw[o, i0 + j] = rows[j, o]
+                dw[o, i0 + j] = buffer[j, o]
 
 
 @_dot_kernel
-def _linear_input_grad(lo, hi, q, g, w, out, zero):
-    """out[n, i] = g[n] · w[:, i] where q[n, i] ≠ 0, else 0, inputs lo..hi."""
-    rows = _row_buffer(w.shape[0], w)
-    for i0 in range(lo, hi, BLOCK):
-        i1 = min(i0 + BLOCK, hi)
-        _columns(w, i0, i1, rows)
-        for n in range(q.shape[0]):
-            for i in range(i0, i1):
-                out[n, i] = _dot(g[n], rows[i - i0, :w.shape[0]], zero) if q[n, i] != 0 else zero
+def _linear_input_grad(lo, hi, q, g, rows, out, zero):
+    """out[n, i] = g[n] · rows[i] where q[n, i] ≠ 0, else 0, images lo..hi."""
+    for n in range(lo, hi):
+        for i in range(q.shape[1]):
+            out[n, i] = _dot(g[n], rows[i], zero) if q[n, i] != 0 else zero
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,17 +205,22 @@ _ROWS = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (scope, its version 
 
 
 def _rows(weight, scope):
-    """A convolution's weight as rows (C, KH, KW·O), kw reversed.
-    Kept within a scope (a network: spiking_layers.weight_scope) while the weight is unchanged (its
+    """A weight as the event kernels read it: a Linear layer's as rows (I, O), a convolution's as
+    rows (C, KH, KW·O), kw reversed. Kept within a scope (a network: spiking_layers.weight_scope) while the weight is unchanged (its
     version counter and storage: in-place updates, as optimizers and load_state_dict make, renew
     them; a change through .data would go unseen); computed afresh without a scope."""
     cached, stamp = _ROWS.get(weight), (weight._version, weight.data_ptr())
     if scope is None or cached is None or cached[0] is not scope or cached[1] != stamp:
-        rows = _conv_rows(weight.detach())
+        rows = (_linear_rows if weight.dim() == 2 else _conv_rows)(weight.detach())
         if scope is None:
             return rows
         cached = _ROWS[weight] = (scope, stamp, rows)
     return cached[2]
+
+
+def _linear_rows(w):
+    """(O, I) -> (I, O)."""
+    return w.t().contiguous()
 
 
 def _conv_rows(w):
@@ -277,7 +261,7 @@ def current(layer, q, s, weight, scope, split):
     if isinstance(layer, nn.Linear):
         x = q.reshape(-1, q.shape[-1])
         out = weight.new_empty(x.shape[0], weight.shape[0])
-        split(_linear_forward, x.shape[0], x.numpy(), weight.detach().contiguous().numpy(), out.numpy(), grain=8)
+        split(_linear_forward, x.shape[0], x.numpy(), _rows(weight, scope).numpy(), out.numpy(), grain=8)
         return _scaled(out, s)
     rows = _rows(weight, scope)
     x, pad, o, kernel = _images(q), layer.padding[0], weight.shape[0], weight.shape[2]
@@ -314,9 +298,9 @@ def input_grad(layer, q, weight, grad_current, scope, split):
     layer's backward reads of it. Returns (N, C, H, W) channels-last, or (N, I)."""
     if isinstance(layer, nn.Linear):
         x, g = q.reshape(-1, q.shape[-1]), grad_current.reshape(-1, weight.shape[0]).contiguous()
-        w = weight.detach().to(g.dtype).contiguous()
         out = g.new_empty(x.shape)
-        split(_linear_input_grad, x.shape[1], x.numpy(), g.numpy(), w.numpy(), out.numpy(), _zero(g), grain=BLOCK)
+        split(_linear_input_grad, x.shape[0], x.numpy(), g.numpy(), _rows(weight, scope).to(g.dtype).numpy(),
+              out.numpy(), _zero(g), grain=8)
         return out
     rows = _rows(weight, scope).to(grad_current.dtype)
     x, g = _images(q), _rows_of_images(grad_current)

@@ -205,7 +205,7 @@ def unpool2x2(g):
 
 @_inlined
 def _pool_step(x, t, m, current, quarter, channels, pairs):
-    """current (h·w·C) = 2×2 average of x[t, m] (2h, 2w·C), summed in the order of pool2x2: an
+    """current (h·w·C) = 2×2 average of x[t, m] (2h, 2w·C), summed in F.avg_pool2d's order: an
     input, its right neighbour, then the two below. Along a row pair every input is summed with
     its neighbours into pairs (C less than a row), one long loop that vectorizes, of which the
     even inputs' sums are kept (all unsigned: int64 with uint64 would be float64 indices)."""

@@ -206,9 +206,10 @@ _ROWS = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (scope, its version 
 
 def _rows(weight, scope):
     """A weight as the event kernels read it: a Linear layer's as rows (I, O), a convolution's as
-    rows (C, KH, KW·O), kw reversed. Kept within a scope (a network: spiking_layers.weight_scope) while the weight is unchanged (its
-    version counter and storage: in-place updates, as optimizers and load_state_dict make, renew
-    them; a change through .data would go unseen); computed afresh without a scope."""
+    rows (C, KH, KW·O), kw reversed. Kept within a scope (a network: spiking_layers.weight_scope)
+    while the weight is unchanged (its version counter and storage: in-place updates, as optimizers
+    and load_state_dict make, renew them; a change through .data would go unseen); computed afresh
+    without a scope."""
     cached, stamp = _ROWS.get(weight), (weight._version, weight.data_ptr())
     if scope is None or cached is None or cached[0] is not scope or cached[1] != stamp:
         rows = (_linear_rows if weight.dim() == 2 else _conv_rows)(weight.detach())

@@ -127,9 +127,10 @@ def leaky_sum(current, u, leak):
 
 
 def _as(u, value):
-    """V_th or λ in the membrane's dtype, as the tensor operations use them: a float64 λ would make
-    every float32 leak step λ·U round differently (and, over many steps, flip spikes), and a float64
-    V_th that float32 cannot hold (0.3) would let U = float32(0.3) fire."""
+    """A kernel constant (V_th, λ, the pooling's 1/4) in u's dtype, as the tensor operations use
+    them: a float64 λ would make every float32 leak step λ·U round differently (and, over many
+    steps, flip spikes), and a float64 V_th that float32 cannot hold (0.3) would let
+    U = float32(0.3) fire."""
     return u.numpy().dtype.type(value)
 
 
@@ -182,7 +183,7 @@ def _pool_images(x, out_size):
     kernel, fine, coarse = (_pool_cpu, x, o) if pooling else (_unpool_cpu, o, x)
     rows = _rows(fine[None])
     args = (rows, coarse.reshape(coarse.shape[0], -1)) if pooling else (coarse.reshape(coarse.shape[0], -1), rows)
-    _split(kernel, x.shape[0], *(a.numpy() for a in args), x.numpy().dtype.type(0.25), fine.shape[3],
+    _split(kernel, x.shape[0], *(a.numpy() for a in args), _as(x, 0.25), fine.shape[3],
            grain=_maps(fine))
     return out
 
@@ -303,7 +304,7 @@ def pool_fire(x, u, n, record, t0, v_th, leak):
     out = torch.empty(x.shape[0], u.numel(), dtype=u.dtype)
     _split(_pool_fire_cpu, images.shape[1], _rows(images).numpy(), flat(u).numpy(), out.numpy(), flat(n).numpy(),
            None if record is None else record.numpy(), t0, _as(u, v_th), _as(u, leak),
-           images.numpy().dtype.type(0.25), images.shape[4], grain=_maps(images[0]))
+           _as(images, 0.25), images.shape[4], grain=_maps(images[0]))
     out = out.view(shape)
     return out.permute(0, 1, 4, 2, 3) if cl else out
 
@@ -317,7 +318,7 @@ def backprop_unpool(grad_spikes, record, t0, slope, carry, shape, cl):
                          memory_format=torch.channels_last if cl else torch.contiguous_format)
     images = _images(grad_x, cl).unflatten(0, (k, -1))
     _split(_backprop_unpool_cpu, images.shape[1], grad_spikes.to(slope.dtype).contiguous().numpy(), record.numpy(),
-           t0, slope.numpy(), carry.numpy(), _rows(images).numpy(), images.numpy().dtype.type(0.25), images.shape[4],
+           t0, slope.numpy(), carry.numpy(), _rows(images).numpy(), _as(images, 0.25), images.shape[4],
            grain=_maps(images[0]))
     return grad_x.unflatten(0, (k, shape[1]))
 

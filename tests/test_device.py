@@ -207,18 +207,9 @@ def test_a_training_step_reads_from_the_device_once(interpreted_triton, monkeypa
 
 
 # ----------------------------------------------------------------------------------------------
-# benchmarks/gpu_check.sh: the first GPU it is given must not be wasted
+# benchmarks/gpu_check.sh: every step runs, and the summary holds its figures
 
 GPU_CHECK = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
-
-
-def test_the_gpu_check_fits_five_minutes():
-    """Its steps' timeouts, each plus the kill margin, add up to at most 300 s: twice in a 15-minute
-    GPU lease with the machine's start."""
-    script = open(GPU_CHECK).read()
-    limits = [int(n) for n in re.findall(r'^step (?:\w+|"[^"]+") (\d+) ', script, re.M)]
-    kill = int(re.search(r"^KILL_AFTER=(\d+)", script, re.M).group(1))
-    assert len(limits) == 4 and sum(limits) + kill * len(limits) <= 300, (limits, kill)
 
 
 def test_the_gpu_check_runs_here_as_a_dry_run(tmp_path):

@@ -108,6 +108,14 @@ STEPS = _checked(lambda s: tuple(sorted({int(e) for e in s.split(",") if e.strip
                  "must be step counts ≥ 1, like 10,20,50,100")
 
 
+class _SeedAll(argparse.Action):
+    """--seed S sets the CUDA seed too: the authors' separate CUDA seed (DEFAULTS' cuda_seed) is the default
+    alone, or every --seed would draw the same spike trains and dropout masks on a GPU."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.seed = namespace.cuda_seed = value
+
+
 def get_parser(description, defaults, datasets=None):
     """Every flag of every script, defined once; the script's DEFAULTS dict sets their values."""
     p = _Parser(description=description, formatter_class=_Formatter)
@@ -139,7 +147,9 @@ def get_parser(description, defaults, datasets=None):
     a("--leak", type=_finite(lambda x: 0 < x <= 1, "must lie in (0, 1]"), help="leak factor λ of the LIF membranes")
     a("--dropout", type=_finite(lambda x: 0 <= x < 1, "must lie in [0, 1)"),
       help="probability of the time-fixed dropout after each spiking layer")
-    a("--seed", type=SEED, help="torch.manual_seed (+ rank under torchrun); CUDA uses DEFAULTS' cuda_seed")
+    a("--seed", type=SEED, action=_SeedAll, metavar="S", help="seed of every generator a run draws from, CPU and "
+      "CUDA alike (+ rank under torchrun): initialisation, shuffling, Poisson spikes, dropout masks. Without it, "
+      f"the authors' pair: torch %(default)s, CUDA {defaults['cuda_seed']}")
     a("--data-dir", default="./data", metavar="DIR", help="torchvision datasets are read (or downloaded) here")
     a("--synthetic", action="store_true", help="deterministic random images of the dataset's shape, 10 "
       "classes (torchvision FakeData), instead of the dataset: for smoke tests and CI; learns nothing")

@@ -62,6 +62,36 @@ def test_deterministic_sets_what_it_promises(torch_flags):
 
 
 # ----------------------------------------------------------------------------------------------
+# Seeds: Poisson spikes and dropout masks are drawn on the device, so --seed must reach CUDA
+
+def seeds_set_up(monkeypatch, script, argv, rank=0):
+    """(CPU seed, CUDA seed) that utils.setup leaves torch with (the last call to each wins)."""
+    import importlib
+    calls = {"cpu": [], "cuda": []}
+    monkeypatch.setattr(torch, "manual_seed", calls["cpu"].append)
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", calls["cuda"].append)
+    monkeypatch.setenv("RANK", str(rank))
+    defaults = importlib.import_module(script[:-3]).DEFAULTS
+    utils.setup(utils.get_parser("", defaults).parse_args([*argv, "--device", "cpu"]))
+    return calls["cpu"][-1], calls["cuda"][-1]
+
+
+@pytest.mark.parametrize("script, authors", [("mnist_LeNet.py", (1, 42)), ("cifar10_VGG9.py", (3, 44))])
+def test_seed_seeds_cuda_too_and_without_it_the_authors_pair_holds(script, authors, monkeypatch, torch_flags):
+    assert seeds_set_up(monkeypatch, script, []) == authors
+    assert seeds_set_up(monkeypatch, script, ["--seed", "7"]) == (7, 7)
+    assert seeds_set_up(monkeypatch, script, ["--seed", "8"]) == (8, 8)
+    assert seeds_set_up(monkeypatch, script, ["--seed", "7"], rank=3) == (10, 10)  # each process its own draws
+    assert seeds_set_up(monkeypatch, script, [], rank=3) == (authors[0] + 3, authors[1] + 3)
+
+
+def test_help_says_what_seed_seeds():
+    import mnist_LeNet
+    text = " ".join(utils.get_parser("", mnist_LeNet.DEFAULTS).format_help().split())
+    assert "CPU and CUDA alike" in text and "the authors' pair: torch 1, CUDA 42" in text
+
+
+# ----------------------------------------------------------------------------------------------
 # GPUs the torch build has no kernels for
 
 ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # what a CUDA 13 build of torch carries

@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -101,11 +102,56 @@ SEED_LIMIT = 2 ** 63
 COUNT = _checked(int, lambda n: 1 <= n < SEED_LIMIT, "must be an integer ≥ 1 and below 2**63")
 NATURAL = _checked(int, lambda n: 0 <= n < SEED_LIMIT, "must be an integer ≥ 0 and below 2**63")
 SEED = _checked(int, lambda n: 0 <= n < SEED_LIMIT, "must be an integer from 0 to 2**63 - 1")
-EPOCHS = _checked(lambda s: tuple(int(e) for e in s.split(",") if e.strip()),
-                  lambda t: all(1 <= a < b for a, b in zip(t, t[1:] + (SEED_LIMIT,))),
-                  "must be epochs ≥ 1 in increasing order, like 70,100")
-STEPS = _checked(lambda s: tuple(sorted({int(e) for e in s.split(",") if e.strip()})), lambda t: t and t[0] >= 1,
-                 "must be step counts ≥ 1, like 10,20,50,100")
+
+
+def _list_problem(text):
+    """What is wrong with `text` as a list of whole numbers from 1 to 2**63 - 1 in increasing order,
+    separated by commas (None if nothing): each form a list can be malformed in is named, so that no
+    list flag runs with numbers the user did not write."""
+    if not text.strip():
+        return "the list is empty"
+    if any(c.isspace() for c in text):
+        return "it holds a space"
+    items = text.split(",")
+    if items[0] == "" or items[-1] == "":
+        return f"it {'starts' if items[0] == '' else 'ends'} with a comma"
+    if "" in items:
+        return "it has an empty item between two commas"
+    values = []
+    for item in items:
+        if not re.fullmatch("[0-9]+", item):  # int() would also take "+7", " 7", "7_0" and non-ASCII digits
+            if re.fullmatch("-[0-9]+", item):
+                return f"{item} is below 1"
+            if re.fullmatch("[+][0-9]+", item):
+                return f"{item} has a sign"
+            if item.isdigit():
+                return f"{item!r} is not written in the digits 0-9"
+            return f"{item!r} is not a whole number"
+        values.append(int(item))
+        if values[-1] < 1:
+            return f"{item} is below 1"
+        if values[-1] >= SEED_LIMIT:
+            return f"{item} is beyond 2**63 - 1"
+        if values[-1] in values[:-1]:
+            return f"{item} appears twice"
+        if len(values) > 1 and values[-1] < values[-2]:
+            return f"{item} comes after {values[-2]}: not in increasing order"
+    return None
+
+
+def _int_list(what, example):
+    """An argparse type for a list flag: a tuple of whole numbers ≥ 1 in increasing order."""
+    def parse(text):
+        problem = _list_problem(text)
+        if problem:
+            raise argparse.ArgumentTypeError(f"must be {what} ≥ 1 in increasing order, separated by commas without "
+                                             f"spaces, like {example}: {problem}, got {text!r}")
+        return tuple(int(item) for item in text.split(","))
+    return parse
+
+
+EPOCHS = _int_list("epochs", "70,100")
+STEPS = _int_list("step counts", "10,20,50,100")
 
 
 class _SeedAll(argparse.Action):
@@ -125,7 +171,7 @@ def get_parser(description, defaults, datasets=None):
     a("-b", "--batch-size", type=COUNT, metavar="N", help="training mini-batch size *per process*")
     a("--test-batch-size", type=COUNT, metavar="N", help="test mini-batch size per process")
     a("--lr", type=_finite(lambda x: x > 0, "must be a finite number > 0"), help="initial learning rate (SGD)")
-    a("--lr-steps", type=EPOCHS, metavar="E1,E2", help="epochs after which the LR is multiplied by 0.2")
+    a("--lr-steps", type=EPOCHS, metavar="E1,E2", help="epochs (increasing) after which the LR is multiplied by 0.2")
     a("--momentum", type=_finite(lambda x: 0 <= x < 1, "must lie in [0, 1)"), metavar="M",
       help="SGD momentum; 0 is faithful: the authors parsed --momentum 0.9 but never passed it to SGD")
     a("--wd", "--weight-decay", type=_finite(lambda x: x >= 0, "must be a finite number ≥ 0"), dest="weight_decay",
@@ -174,7 +220,7 @@ def get_parser(description, defaults, datasets=None):
       "the same evaluation pass; print a table, write stats.json and PNG plots to --out-dir/stats_<tag>/. Under "
       "torchrun the counts of all ranks are summed")
     a("--time-sweep", type=STEPS, metavar="T1,T2", help="with --evaluate: Prec@1 read out after each of these "
-      "numbers of time steps, in the same pass (table, stats.json, plot); a step beyond --time-steps raises "
+      "numbers of time steps (increasing), in the same pass (table, stats.json, plot); a step beyond --time-steps raises "
       "--time-steps to it")
     a("--export-nir", metavar="PATH", help="with --resume: write the network as a NIR graph (docs/nir.md) and "
       "exit; needs no data. --resume also reads a .nir file")

@@ -19,6 +19,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 
 # Process settings for the engine on a CPU, named once here (benchmarks/harness.py builds its
 # environments from them; docs/performance.md has the measurements):
@@ -245,9 +246,11 @@ def setup(args):
     there, set the numerics (precision, determinism), seed; glibc's memory settings."""
     processes(args)
     _keep_freed_memory()
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if cuda and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but no CUDA device is available")
+    with warnings.catch_warnings():  # torch's own warning on a failed CUDA start: no_cuda_reason() says it in one line
+        warnings.simplefilter("ignore")
+        cuda = args.device != "cpu" and torch.cuda.is_available()
+    if args.device == "cuda" and not cuda:
+        raise SystemExit("error: --device cuda, but there is no usable CUDA GPU: {}; {}".format(*no_cuda_reason()))
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         check_gpu_supported(device)
@@ -262,6 +265,9 @@ def setup(args):
         dist.init_process_group("nccl" if cuda else "gloo")
     log(args, f"=> world size: {args.world_size}, device: {device.type}, "
         f"{args.world_size * args.batch_size} training images per step")
+    if args.device == "auto" and not cuda:  # a run meant for a GPU would otherwise take days unnoticed
+        log(args, "WARNING: no usable CUDA GPU ({}): this run computes on the CPU, many times slower; {}, or "
+            "--device cpu to say that the CPU is meant".format(*no_cuda_reason()), file=sys.stderr)
     if note:
         log(args, f"WARNING: {note}; install the compiled backend for speed", file=sys.stderr)
     if args.amp and device.type == "cpu" and _cpu_has_bf16() is False:
@@ -290,6 +296,33 @@ def set_numerics(args):
     torch.use_deterministic_algorithms(args.deterministic)
     torch.backends.cudnn.deterministic = args.deterministic
     torch.backends.cudnn.benchmark = not args.deterministic
+
+
+def no_cuda_reason():
+    """(reason, fix): why torch finds no usable CUDA GPU, in its own diagnosis where it has one."""
+    readme = "README, Quick start"
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        return (f"this torch ({torch.__version__}) is built without CUDA",
+                f"install a torch build for your driver's CUDA version ({readme})")
+    try:
+        torch.cuda.init()  # raises what the driver said; is_available() only returns False
+    except Exception as e:
+        said = first_line(e)
+    else:
+        return "torch initialises CUDA but finds no device", "check CUDA_VISIBLE_DEVICES and nvidia-smi"
+    old = re.search(r"driver on your system is too old \(found version (\d+)\)", said)
+    if old:  # cudaDriverGetVersion's number: 1000 * major + 10 * minor
+        major, minor = divmod(int(old.group(1)) // 10, 100)
+        return (f"the NVIDIA driver supports CUDA up to {major}.{minor}, and this torch ({torch.__version__}) is "
+                f"built for CUDA {torch.version.cuda}", f"install a torch build for CUDA {major} ({readme}: the "
+                f"cu126 or cu128 build for a CUDA 12 driver) or a newer driver")
+    if "no NVIDIA driver" in said:
+        return "no NVIDIA driver is installed", "on a machine with an NVIDIA GPU, install its driver"
+    if "No CUDA GPUs are available" in said:
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return ("the NVIDIA driver finds no GPU" + (f" (CUDA_VISIBLE_DEVICES={hidden!r})" if hidden is not None
+                                                    else ""), "check nvidia-smi and CUDA_VISIBLE_DEVICES")
+    return f"torch: {said}", "check nvidia-smi and the torch build's CUDA version (torch.version.cuda)"
 
 
 def check_gpu_supported(device):
@@ -355,6 +388,8 @@ def train_one_epoch(model, net, loader, optimizer, monitor, epoch, args, device)
     model.train()
     meter = Meter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}", leave=False, disable=not show_progress(args))
+    # on --device auto's CPU fallback: the epoch's duration, from the batches after the first (which compiles)
+    estimate, marks = args.device == "auto" and device.type == "cpu" and len(loader) > 2 * TIMED_BATCHES, []
     for i, (images, target) in enumerate(bar):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         # forward over T steps, the paper's loss
@@ -381,7 +416,22 @@ def train_one_epoch(model, net, loader, optimizer, monitor, epoch, args, device)
         bar.set_postfix(loss=f"{m['loss']:.4f}", prec1=f"{m['prec1']:.2f}", refresh=False)
         if bar.disable and (i + 1) % args.print_freq == 0:
             log(args, f"=> epoch {epoch + 1} [{i + 1}/{len(loader)}] loss {m['loss']:.4f} Prec@1 {m['prec1']:.3f}")
+        if estimate and i in (0, TIMED_BATCHES):
+            marks.append(time.monotonic())
+            if i == TIMED_BATCHES:
+                step = (marks[1] - marks[0]) / TIMED_BATCHES
+                log(args, f"=> on the CPU, epoch {epoch + 1}'s training takes about {_duration(step * len(loader))} "
+                    f"({len(loader)} mini-batches at {args.batch_size / step:.1f} images/s per process, the rate "
+                    f"of mini-batches 2-{TIMED_BATCHES + 1})")
     return meter.mean(args, device)
+
+
+TIMED_BATCHES = 4  # the CPU fallback's estimate
+
+
+def _duration(seconds):
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 else \
+        f"{seconds:.0f} s"
 
 
 @torch.no_grad()

@@ -92,6 +92,86 @@ def test_help_says_what_seed_seeds():
 
 
 # ----------------------------------------------------------------------------------------------
+# No usable CUDA GPU: a run on --device auto says why it is on the CPU; --device cuda ends with the reason
+
+NO_DRIVER = ("Found no NVIDIA driver on your system. Please check that you have an NVIDIA GPU and installed a "
+             "driver from http://www.nvidia.com/Download/index.aspx")
+OLD_DRIVER = ("The NVIDIA driver on your system is too old (found version 12040). Please update your GPU driver by "
+              "downloading and installing a new version from the URL: http://www.nvidia.com/Download/index.aspx "
+              "Alternatively, go to: https://pytorch.org to install a PyTorch version that has been compiled with "
+              "your version of the CUDA driver.")
+# (torch.version.cuda, what torch.cuda.init() raises: torch's own diagnosis) -> what the line must say
+CAUSES = [
+    ("13.0", NO_DRIVER, ["no NVIDIA driver is installed", "install its driver"]),
+    ("13.0", OLD_DRIVER, ["the NVIDIA driver supports CUDA up to 12.4", "built for CUDA 13.0",
+                          "install a torch build for CUDA 12", "cu126 or cu128"]),
+    (None, None, ["is built without CUDA", "install a torch build for your driver's CUDA version"]),
+    ("13.0", "No CUDA GPUs are available", ["the NVIDIA driver finds no GPU (CUDA_VISIBLE_DEVICES='')"]),
+    ("13.0", "CUDA driver initialization failed, you might not have a CUDA gpu.",
+     ["torch: CUDA driver initialization failed, you might not have a CUDA gpu"]),
+]
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    """no_cuda(version, said): torch built for CUDA `version` (None: without CUDA) finds no GPU, and
+    torch.cuda.init() raises `said`."""
+    def make(version, said):
+        def init():
+            raise (AssertionError("Torch not compiled with CUDA enabled") if version is None else RuntimeError(said))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "init", init)
+        monkeypatch.setattr(torch.version, "cuda", version)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    return make
+
+
+@pytest.mark.parametrize("version, said, phrases", CAUSES)
+def test_auto_on_the_cpu_warns_with_torchs_reason_and_the_fix(version, said, phrases, no_cuda, torch_flags, capsys):
+    no_cuda(version, said)
+    assert utils.setup(setup_args(device="auto")).type == "cpu"
+    (line,) = [s for s in capsys.readouterr().err.splitlines() if s.startswith("WARNING: no usable CUDA GPU (")]
+    assert "this run computes on the CPU" in line and "or --device cpu to say that the CPU is meant" in line
+    assert all(phrase in line for phrase in phrases), line
+
+
+@pytest.mark.parametrize("version, said, phrases", CAUSES)
+def test_device_cuda_without_a_usable_gpu_is_one_line_with_the_reason(version, said, phrases, no_cuda, torch_flags):
+    no_cuda(version, said)
+    with pytest.raises(SystemExit) as e:
+        utils.setup(setup_args(device="cuda"))
+    assert str(e.value).startswith("error: --device cuda, but there is no usable CUDA GPU: ") and "\n" not in str(e.value)
+    assert all(phrase in str(e.value) for phrase in phrases), e.value
+
+
+def test_device_cpu_given_is_no_fallback(no_cuda, torch_flags, capsys):
+    no_cuda("13.0", NO_DRIVER)
+    utils.setup(setup_args(device="cpu"))
+    assert "WARNING" not in capsys.readouterr().err
+
+
+needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a usable CUDA GPU")
+
+
+@needs_no_gpu
+def test_a_training_run_on_auto_here_says_why_and_how_long_its_epoch_takes(tiny, tmp_path, capsys):
+    run_main("mnist_LeNet.py", [*tiny, "--device", "auto", "-b", "4", "--limit-train", "40", "--epochs", "1",
+                                "--out-dir", tmp_path])  # 10 mini-batches
+    out, err = capsys.readouterr()
+    (line,) = [s for s in err.splitlines() if s.startswith("WARNING: no usable CUDA GPU (")]
+    assert "this run computes on the CPU" in line and "--device cpu" in line
+    (estimate,) = [s for s in out.splitlines() if s.startswith("=> on the CPU, epoch 1's training takes about ")]
+    assert "(10 mini-batches at " in estimate and " images/s per process, the rate of mini-batches 2-5)" in estimate
+
+
+@needs_no_gpu
+def test_device_cuda_here_ends_in_one_line_with_the_reason(run_script, clean_error, tiny):
+    p = run_script("mnist_LeNet.py", *tiny, "--evaluate", "--device", "cuda")
+    clean_error(p, "error: --device cuda, but there is no usable CUDA GPU: ")
+    assert "Prec@1" not in p.out
+
+
+# ----------------------------------------------------------------------------------------------
 # GPUs the torch build has no kernels for
 
 ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]  # what a CUDA 13 build of torch carries

@@ -10,8 +10,11 @@ import glob
 import io
 import math
 import os
+import pickle
+import pickletools
 import socket
 import stat
+import struct
 import sys
 import tempfile
 
@@ -193,12 +196,41 @@ def check_metadata(ckpt, path):
             raise SystemExit(f"error: --resume {path}: its {key} is {shown}, not {what}")
 
 
+def _py2_opcodes_as_py3(path):
+    """A legacy (non-zip) file written by Python 2's cPickle (the authors' releases), with the two
+    opcodes torch's weights_only unpickler lacks in their Python 3 form: INT, an int beyond 32 bits (the
+    optimizer's parameter ids, id(p)), as LONG1; BINSTRING, a str of 256 bytes or more, as BINUNICODE.
+    pickletools only parses: nothing runs, and the load that follows is weights_only as before."""
+    with open(path, "rb") as f:
+        data = f.read()
+    f, out, copied = io.BytesIO(data), bytearray(), 0
+    for _ in range(5):  # magic number, protocol version, sys_info, the object, the storage keys
+        for op, arg, start in pickletools.genops(f):
+            if op.name in ("INT", "BINSTRING"):
+                out += data[copied:start]
+                copied = f.tell()
+                if op.name == "BINSTRING":
+                    text = arg.encode("latin-1")  # pickletools decodes it byte for byte
+                    text.decode("utf-8")  # as torch reads the shorter SHORT_BINSTRING: UTF-8, or no load
+                    out += b"X" + struct.pack("<I", len(text)) + text
+                elif isinstance(arg, bool):  # protocol 0's I01 / I00
+                    out += b"\x88" if arg else b"\x89"
+                else:
+                    out += pickle.dumps(arg, 2)[2:-1]  # LONG1 (or BININT) for this value
+    return bytes(out + data[copied:])
+
+
 def load_checkpoint(path, net):
     """Load weights into `net` from one of ours or an authors' release (legacy serialization, a full
     dict or a bare state_dict, DataParallel's `module.` prefix). Returns the dict, {} if bare."""
     check_checkpoint_file(path)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint must not run code
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # a checkpoint must not run code
+        except pickle.UnpicklingError as e:
+            if "Unsupported operand" not in str(e):
+                raise
+            ckpt = torch.load(io.BytesIO(_py2_opcodes_as_py3(path)), map_location="cpu", weights_only=True)
     except OSError as e:
         raise SystemExit(f"error: --resume {path} cannot be read ({e.strerror or e})")
     except Exception as e:

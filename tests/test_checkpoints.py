@@ -7,28 +7,36 @@ import pytest
 import torch
 
 import checkpoints
+import legacy_checkpoint
 from conftest import NETWORKS, SCRIPTS, exit_message, network, run_main
 
 
-def authors_checkpoint(script, path, prefix="module."):
-    """The authors' layout: PyTorch 0.3-era (non-zip) serialization, a DataParallel `module.` prefix, their
-    `arch` (always 'resnet18', from the ImageNet example) and an SGD state of that time."""
+def authors_checkpoint(script, path, prefix="module.", **kw):
+    """An authors' release byte for byte as Python 2.7 + PyTorch 0.3.1 wrote it (tests/legacy_checkpoint.py):
+    CUDA storages, dict keys as Python 2 byte strings, _rebuild_tensor v1, a DataParallel `module.` prefix,
+    their `arch` and an SGD state of that time. Returns the weights it holds."""
     net, _ = network(script, time_steps=2)
-    state = collections.OrderedDict((prefix + k, v) for k, v in net.state_dict().items())
-    optimizer = {"state": {}, "param_groups": [{"lr": 0.0033, "momentum": 0, "dampening": 0, "weight_decay": 5e-4,
-                                                "nesterov": False, "params": list(range(len(state)))}]}
-    torch.save({"epoch": 7, "arch": "resnet18", "state_dict": state, "best_prec1": 90.1, "optimizer": optimizer},
-               path, _use_new_zipfile_serialization=False)
-    return net.state_dict()
+    weights = net.state_dict()
+    legacy_checkpoint.authors_checkpoint({prefix + k: (v.numpy().astype("<f4").tobytes(), tuple(v.shape))
+                                          for k, v in weights.items()}, path, **kw)
+    return weights
 
 
 # ----------------------------------------------------------------------------------------------
 # The authors' releases
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_authors_checkpoint_loads_and_evaluates(script, tmp_path, tiny, capsys):
+@pytest.mark.parametrize("script, prefix, kw", [
+    ("mnist_LeNet.py", "", {}), ("cifar10_VGG9.py", "", {}), ("cifar10_ResNet11.py", "module.", {}),  # as released
+    # the same container with a Python 2 str of 256 bytes or more (BINSTRING), and with the storages pickled as
+    # torch.cuda.FloatStorage, as a writer that did not normalise the storage type would have
+    ("mnist_LeNet.py", "", {"arch": "r" * 300}), ("mnist_LeNet.py", "", {"storage_type": ("torch.cuda", "FloatStorage")})])
+def test_authors_release_as_pytorch_0_3_1_wrote_it_loads_and_evaluates(script, prefix, kw, tmp_path, tiny, capsys):
     path = tmp_path / "model_best.pth.tar"
-    weights = authors_checkpoint(script, path)
+    weights = authors_checkpoint(script, path, prefix, **kw)
+    raw = path.read_bytes()
+    assert raw.startswith(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.")  # the magic number, LONG1
+    assert b"ctorch._utils\n_rebuild_tensor\n" in raw and b"U\x06cuda:0" in raw and b"U\x0astate_dict" in raw
+    assert b"(I140270000000000\nI140270000004096\n" in raw  # the parameters' ids, id(p): the text opcode INT
     net = run_main(script, ["--resume", path, "--evaluate", *tiny])
     out = capsys.readouterr().out
     assert "(epoch 7, best Prec@1 90.100)" in out and "Test: Prec@1 " in out and " Prec@5 " in out

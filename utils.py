@@ -138,8 +138,8 @@ def get_parser(description, defaults, datasets=None):
       "the same evaluation pass; print a table, write stats.json and PNG plots to --out-dir/stats_<tag>/. Under "
       "torchrun the counts of all ranks are summed")
     a("--time-sweep", type=STEPS, metavar="T1,T2", help="with --evaluate: Prec@1 read out after each of these "
-      "numbers of time steps (increasing), in the same pass (table, stats.json, plot); a step beyond --time-steps raises "
-      "--time-steps to it")
+      "numbers of time steps (increasing), in the same pass (table, stats.json, plot); a step beyond --time-steps "
+      "raises --time-steps to it")
     a("--export-nir", metavar="PATH", help="with --resume: write the network as a NIR graph (docs/nir.md) and "
       "exit; needs no data. --resume also reads a .nir file")
     a("--nir-on-off", action="store_true", help="with --export-nir: unsigned ON/OFF input channels (first-layer "
@@ -163,8 +163,8 @@ def setup(args):
     there, set the numerics (precision, determinism), seed; glibc's memory settings."""
     processes(args)
     _keep_freed_memory()
-    with warnings.catch_warnings():  # torch's own warning on a failed CUDA start: no_cuda_reason() says it in one line
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # torch's multi-line warning on a failed CUDA start: no_cuda_reason() says it
+        warnings.filterwarnings("ignore", "CUDA initialization")
         cuda = args.device != "cpu" and torch.cuda.is_available()
     if args.device == "cuda" and not cuda:
         raise SystemExit("error: --device cuda, but there is no usable CUDA GPU: {}; {}".format(*no_cuda_reason()))

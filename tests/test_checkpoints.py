@@ -29,7 +29,8 @@ def authors_checkpoint(script, path, prefix="module.", **kw):
     ("mnist_LeNet.py", "", {}), ("cifar10_VGG9.py", "", {}), ("cifar10_ResNet11.py", "module.", {}),  # as released
     # the same container with a Python 2 str of 256 bytes or more (BINSTRING), and with the storages pickled as
     # torch.cuda.FloatStorage, as a writer that did not normalise the storage type would have
-    ("mnist_LeNet.py", "", {"arch": "r" * 300}), ("mnist_LeNet.py", "", {"storage_type": ("torch.cuda", "FloatStorage")})])
+    ("mnist_LeNet.py", "", {"arch": "r" * 300}),
+    ("mnist_LeNet.py", "", {"storage_type": ("torch.cuda", "FloatStorage")})])
 def test_authors_release_as_pytorch_0_3_1_wrote_it_loads_and_evaluates(script, prefix, kw, tmp_path, tiny, capsys):
     path = tmp_path / "model_best.pth.tar"
     weights = authors_checkpoint(script, path, prefix, **kw)

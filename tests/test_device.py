@@ -140,8 +140,9 @@ def test_device_cuda_without_a_usable_gpu_is_one_line_with_the_reason(version, s
     no_cuda(version, said)
     with pytest.raises(SystemExit) as e:
         utils.setup(setup_args(device="cuda"))
-    assert str(e.value).startswith("error: --device cuda, but there is no usable CUDA GPU: ") and "\n" not in str(e.value)
-    assert all(phrase in str(e.value) for phrase in phrases), e.value
+    message = str(e.value)
+    assert message.startswith("error: --device cuda, but there is no usable CUDA GPU: ") and "\n" not in message
+    assert all(phrase in message for phrase in phrases), message
 
 
 def test_device_cpu_given_is_no_fallback(no_cuda, torch_flags, capsys):

@@ -407,7 +407,7 @@ class DeadLayerError(Exception):
 
 
 # Below these a layer, or the output, is practically silent: it passes almost nothing forward and almost
-# no gradient back. Healthy networks' quietest layers fire 10× more; silent runs far less (docs/training-health.md)
+# no gradient back. Healthy networks' quietest layers fire 4× more or above (docs/training-health.md)
 QUIET_RATE = 1e-3     # spikes per neuron per time step
 QUIET_OUTPUT = 1e-3   # mean |output|: the loss then stays within 0.2 % of its all-zero value, 1 per image
 

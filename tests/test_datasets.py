@@ -188,3 +188,15 @@ def test_each_bad_folder_is_one_line(folder, damage, phrase, tmp_path):
 def test_synthetic_is_no_stand_in_for_a_folder(tmp_path):
     code, message = exit_message("mnist_LeNet.py", ["--dataset", "folder", "--synthetic", "-e", *few(tmp_path)])
     assert code == 1 and "--synthetic stands in for a named dataset" in message
+
+
+@pytest.mark.parametrize("key,value,what", [("classes", 0, "a number of classes ≥ 1"),
+                                            ("classes", 10.0, "a number of classes"), ("dataset", 7, "a dataset's name")])
+def test_the_recorded_dataset_and_classes_are_validated(key, value, what, tmp_path):
+    import checkpoints
+    net, _ = network("mnist_LeNet.py", time_steps=2)
+    path = tmp_path / "odd.pth.tar"
+    torch.save({"epoch": 1, "arch": "LeNet", "state_dict": net.state_dict(), "best_prec1": 5.0, key: value}, path)
+    with pytest.raises(SystemExit) as e:
+        checkpoints.load_checkpoint(str(path), net)
+    assert str(e.value).startswith(f"error: --resume {path}: its {key} is ") and what in str(e.value), e.value

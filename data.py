@@ -61,6 +61,7 @@ def fitting(name):
 
 
 def image_shape(name):
+    """(C, H, W) of dataset `name`'s images: the input of the networks it fits."""
     return DATASETS[name].shape
 
 
@@ -81,6 +82,7 @@ def network(Model, args, **kw):
 
 
 def get_transform(name, train, shape=None):
+    """Image to tensor for dataset `name` (training: with its augmentation); shape: the network's (C, H, W)."""
     if name == FOLDER:  # any image: the network's channels, resized and centre-cropped to its size, into [-1, 1]
         c, h, w = shape
         gray = [transforms.Grayscale(1)] if c == 1 else []  # ImageFolder reads every image as RGB

@@ -190,8 +190,8 @@ def test_synthetic_is_no_stand_in_for_a_folder(tmp_path):
     assert code == 1 and "--synthetic stands in for a named dataset" in message
 
 
-@pytest.mark.parametrize("key,value,what", [("classes", 0, "a number of classes ≥ 1"),
-                                            ("classes", 10.0, "a number of classes"), ("dataset", 7, "a dataset's name")])
+@pytest.mark.parametrize("key,value,what", [
+    ("classes", 0, "a number of classes ≥ 1"), ("classes", 10.0, "a number of classes"), ("dataset", 7, "a dataset's name")])
 def test_the_recorded_dataset_and_classes_are_validated(key, value, what, tmp_path):
     import checkpoints
     net, _ = network("mnist_LeNet.py", time_steps=2)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 def checkpoint_state(net, optimizer, scheduler, epoch, best_prec1, args):
     """The authors' keys, plus what an exact resume needs; tensors and plain data only (weights_only)."""
     return dict(epoch=epoch, arch=type(net).__name__, state_dict=net.state_dict(), best_prec1=best_prec1,
+                dataset=args.dataset, classes=args.classes,  # the output layer's width
                 optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng_cpu=torch.get_rng_state(),
                 rng_cuda=torch.stack(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None,
                 args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()})
@@ -185,6 +186,8 @@ METADATA = {
     "rng_cuda": ("None or CUDA generator states (bytes, a row per device)",
                  lambda v: v is None or torch.is_tensor(v) and v.dtype == torch.uint8 and v.dim() == 2),
     "args": ("the run's settings, a dict", lambda v: isinstance(v, dict)),
+    "dataset": ("a dataset's name", lambda v: isinstance(v, str)),
+    "classes": ("a number of classes ≥ 1", lambda v: type(v) is int and v >= 1),
 }
 
 
@@ -248,6 +251,12 @@ def load_checkpoint(path, net):
                           if k in own and v.shape != own[k].shape],
                 "dtype": [f"{k} {v.dtype}" for k, v in state.items()  # complex or integer: not real weights
                           if k in own and own[k].is_floating_point() and not v.is_floating_point()]}
+    if problems["shape"] and _other_width(state, own):
+        last = next(reversed(own))
+        trained = f" (trained with --dataset {ckpt['dataset']})" if isinstance(ckpt.get("dataset"), str) else ""
+        raise SystemExit(f"error: --resume {path} holds a {type(net).__name__} for {len(state[last])} classes"
+                         f"{trained}, and this one has {len(own[last])} outputs, one per class of its --dataset: "
+                         f"give the --dataset it was trained on")
     if any(problems.values()):
         found = "; ".join(f"{kind} {_some(names)}" for kind, names in problems.items() if names)
         raise SystemExit(f"error: --resume {path} is not a {type(net).__name__} checkpoint: {found}")
@@ -257,6 +266,14 @@ def load_checkpoint(path, net):
                          f"from a run that had diverged")
     net.load_state_dict(state)
     return ckpt if "state_dict" in ckpt else {}
+
+
+def _other_width(state, own):
+    """Whether `state` is a network like `own` but for another number of classes: the same weights, with
+    only the output layer's (the last) of another width."""
+    last = next(reversed(own), None)
+    return state.keys() == own.keys() and state[last].shape[1:] == own[last].shape[1:] and \
+        all(v.shape == own[k].shape for k, v in state.items() if k != last)
 
 
 def restore_training(ckpt, net, optimizer, scheduler, args, given=()):

@@ -3,9 +3,11 @@
     32×32×3 – cnn11 64 – P – [cnn21 128, cnn22 128] – [cnn31 256, cnn32 256 /2] – [cnn41 512, cnn42 512]
     – [cnn51 512, cnn52 512 /2] – fc0 1024 – fc1 10
     In each [block] the shortcut current joins the second conv's membrane: I = conv2(o) + shortcut(x).
+    fc1: one output per class of --dataset.
 
 Train:     python cifar10_ResNet11.py
 Evaluate:  python cifar10_ResNet11.py --resume model_bestT1_cifar10_r11.pth.tar --evaluate
+Other:     python cifar10_ResNet11.py --dataset cifar100   (or svhn; or --dataset folder --data-dir DIR)
 """
 import utils  # first: it sets the process settings torch reads when it loads
 import torch.nn as nn
@@ -30,7 +32,7 @@ DEFAULTS = dict(                 # the paper's settings (docs/reproduce.md)
 
 
 class ResNet11(SpikingNetwork):
-    def __init__(self, time_steps=100, leak=0.99, dropout=0.25, time_chunk=None):
+    def __init__(self, time_steps=100, leak=0.99, dropout=0.25, time_chunk=None, classes=10):
         super().__init__(time_steps, leak, time_chunk)
         kw = dict(padding=1, leak=leak, dropout=dropout)
         self.cnn11 = SpikingConv2d(3, 64, 3, **kw)
@@ -44,7 +46,7 @@ class ResNet11(SpikingNetwork):
         self.shortcut3 = nn.Sequential(Conv2d(256, 512, 1))
         self.cnn51, self.cnn52 = SpikingConv2d(512, 512, 3, **kw), SpikingConv2d(512, 512, 3, stride=2, **kw)
         self.fc0 = SpikingLinear(512 * 4 * 4, 1024, leak=leak, dropout=dropout)
-        self.fc1 = Linear(1024, 10)
+        self.fc1 = Linear(1024, classes)
         init_weights(self, gain=1.0)
 
     def step(self, x):                                        # x: (k, B, 3, 32, 32)
@@ -54,7 +56,7 @@ class ResNet11(SpikingNetwork):
         x = self.cnn42(self.cnn41(x), self.shortcut3(x))      # (k, B, 512, 8, 8)
         x = self.cnn52(self.cnn51(x), x[..., ::2, ::2])       # (k, B, 512, 4, 4) identity shortcut, stride 2
         x = self.fc0(x.flatten(2))                            # (k, B, 1024)
-        return self.fc1(x)                                    # (k, B, 10) output currents
+        return self.fc1(x)                                    # (k, B, classes) output currents
 
 
 if __name__ == "__main__":

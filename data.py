@@ -1,12 +1,15 @@
-"""The data of a run: the paper's datasets through torchvision (downloaded once per node under
-torchrun; Fashion-MNIST also from its Debian package), their transforms, damaged-file checks, the
-synthetic stand-in, and the loaders (a DistributedSampler's share per process)."""
+"""The data of a run: the datasets (their shapes, classes, transforms and input scales), read through
+torchvision (downloaded once per node under torchrun; Fashion-MNIST also from its Debian package) or
+from a folder of one's own images, damaged-file checks, the synthetic stand-in, and the loaders (a
+DistributedSampler's share per process). The dataset decides the network's output width and the
+scale of its input code (`network`)."""
 import contextlib
 import gzip
 import math
 import os
 import shutil
 import struct
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -14,46 +17,162 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import datasets
 from torchvision import transforms
 from torchvision.datasets.utils import check_integrity
+from PIL import Image
 
 from checkpoints import first_line, log
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # apt-get install -y dataset-fashion-mnist
 
 
-NORMALISE = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.557, 0.549, 0.5534)),  # the authors' values
-             "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))}
-TORCHVISION = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST,
-               "cifar10": datasets.CIFAR10, "svhn": datasets.SVHN}
-SIZES = {"mnist": (60000, 10000), "fashion-mnist": (60000, 10000), "cifar10": (50000, 10000),
-         "svhn": (73257, 26032)}  # (training, test) images: --synthetic makes at most as many
+class Dataset(NamedTuple):
+    """What a run needs to know of a dataset: its images, its classes, and how they become input spikes."""
+    cls: type                 # the torchvision dataset class
+    shape: tuple              # (C, H, W) of an image: it fits the networks that take this shape
+    classes: int              # the width of the network's output layer
+    sizes: tuple              # (training, test) images: --synthetic makes at most as many
+    mean: tuple = None        # Normalize(mean, std) after ToTensor; None: ToTensor only
+    std: tuple = None
+    scale: float = 1.0        # the Poisson code's: s = sign(x)·1[u < |x|·scale]
+    crop: bool = False        # training: RandomCrop(32, padding=4)
+    flip: bool = False        # training: RandomHorizontalFlip (not for digits)
+
+
+# The authors' rule (their CIFAR-10 values): the channel means, and stds ≈ 2.25× the channel stds, so that
+# a normalised pixel stays near |x| ≤ 1 and the Poisson code carries the image (docs/reproduce.md)
+DATASETS = {
+    # ToTensor only, pixels in [0, 1]: a pixel fires with probability up to 1/2 per step
+    "mnist": Dataset(datasets.MNIST, (1, 28, 28), 10, (60000, 10000), scale=0.5),
+    "fashion-mnist": Dataset(datasets.FashionMNIST, (1, 28, 28), 10, (60000, 10000), scale=0.5),
+    "cifar10": Dataset(datasets.CIFAR10, (3, 32, 32), 10, (50000, 10000), (0.4914, 0.4822, 0.4465),
+                       (0.557, 0.549, 0.5534), crop=True, flip=True),  # the authors' values
+    "cifar100": Dataset(datasets.CIFAR100, (3, 32, 32), 100, (50000, 10000), (0.5071, 0.4865, 0.4409),
+                        (0.6014, 0.5769, 0.6215), crop=True, flip=True),  # 2.25 × (0.2673, 0.2564, 0.2762)
+    "svhn": Dataset(datasets.SVHN, (3, 32, 32), 10, (73257, 26032), (0.4377, 0.4438, 0.4728),
+                    (0.4455, 0.4523, 0.4433), crop=True),  # 2.25 × (0.1980, 0.2010, 0.1970)
+}
+TORCHVISION = {name: d.cls for name, d in DATASETS.items()}
+FOLDER = "folder"  # --dataset folder: --data-dir/train/<class>/… and --data-dir/test/<class>/…
+IMAGES = datasets.folder.IMG_EXTENSIONS
+
+
+def fitting(name):
+    """The datasets whose images fit the network made for dataset `name` (the same shape), and folder."""
+    return tuple(n for n, d in DATASETS.items() if d.shape == DATASETS[name].shape) + (FOLDER,)
 
 
 def image_shape(name):
-    return (3, 32, 32) if name in NORMALISE else (1, 28, 28)
+    """(C, H, W) of dataset `name`'s images: the input of the networks it fits."""
+    return DATASETS[name].shape
 
 
-def get_transform(name, train):
-    if name not in NORMALISE:  # (Fashion-)MNIST: ToTensor only; the Poisson code reads intensities
+def classes(args):
+    """The network's output width for args.dataset: its classes; for a folder, train/'s class folders."""
+    if args.dataset == FOLDER and args.synthetic:
+        raise SystemExit("error: --synthetic stands in for a named dataset; --dataset folder reads your images")
+    return len(folder_classes(args)) if args.dataset == FOLDER else DATASETS[args.dataset].classes
+
+
+def network(Model, args, **kw):
+    """The script's network for args.dataset: an output per class, and the dataset's input scale (the
+    Poisson code belongs to how the dataset's images are turned into rates, not to the network)."""
+    args.classes = classes(args)  # recorded in the checkpoint
+    net = Model(time_steps=args.time_steps, leak=args.leak, dropout=args.dropout, classes=args.classes, **kw)
+    net.input_scale = DATASETS[args.dataset].scale if args.dataset in DATASETS else 1.0
+    return net
+
+
+def get_transform(name, train, shape=None):
+    """Image to tensor for dataset `name` (training: with its augmentation); shape: the network's (C, H, W)."""
+    if name == FOLDER:  # any image: the network's channels, resized and centre-cropped to its size, into [-1, 1]
+        c, h, w = shape
+        gray = [transforms.Grayscale(1)] if c == 1 else []  # ImageFolder reads every image as RGB
+        return transforms.Compose(gray + [transforms.Resize(min(h, w)), transforms.CenterCrop((h, w)),
+                                          transforms.ToTensor(), transforms.Normalize((0.5,) * c, (0.5,) * c)])
+    d = DATASETS.get(name)
+    if d is None or d.mean is None:  # (Fashion-)MNIST: ToTensor only; the Poisson code reads intensities
         return transforms.ToTensor()
-    augment = [transforms.RandomCrop(32, padding=4)]
-    if name == "cifar10":
-        augment.append(transforms.RandomHorizontalFlip())
-    tensor = [transforms.ToTensor(), transforms.Normalize(*NORMALISE[name])]
+    augment = ([transforms.RandomCrop(d.shape[1:], padding=4)] if d.crop else []) + \
+        ([transforms.RandomHorizontalFlip()] if d.flip else [])
+    tensor = [transforms.ToTensor(), transforms.Normalize(d.mean, d.std)]
     return transforms.Compose((augment if train else []) + tensor)
 
 
 def get_dataset(args, train):
     """The dataset (or --synthetic stand-in) with its transform, cut to the first --limit-* examples."""
-    transform, limit = get_transform(args.dataset, train), args.limit_train if train else args.limit_val
+    transform = get_transform(args.dataset, train, getattr(args, "image_shape", None))
+    limit = args.limit_train if train else args.limit_val
     if args.synthetic:
-        size = min(limit, SIZES[args.dataset][not train]) if limit else 1024 if train else 256
-        data = datasets.FakeData(size, image_shape(args.dataset), 10, transform,
+        d = DATASETS[args.dataset]
+        size = min(limit, d.sizes[not train]) if limit else 1024 if train else 256
+        data = datasets.FakeData(size, d.shape, d.classes, transform,
                                  random_offset=0 if train else 10 ** 6)  # test images differ from training
+    elif args.dataset == FOLDER:
+        data = folder_dataset(args, train, transform)
     else:  # under torchrun, one process per node downloads; the others wait for it, then read
         first = not args.distributed or int(os.environ.get("LOCAL_RANK", 0)) == 0
         with _after_the_node_first(args, first):
             data = _torchvision_dataset(args, train, transform, download=first)
     return Subset(data, range(min(limit, len(data)))) if limit else data
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder of one's own images (torchvision's ImageFolder layout)
+
+def folder_classes(args):
+    """train/'s class folders, sorted (ImageFolder's order: the index of each output)."""
+    train = _split_dir(args, "train")
+    names = sorted(e.name for e in os.scandir(train) if e.is_dir() and not e.name.startswith("."))
+    if not names:
+        raise SystemExit(f"error: --dataset folder: {train} holds no class folders; put each class's images in "
+                         f"{train}/<class>/")
+    return names
+
+
+def _split_dir(args, split):
+    path = os.path.join(args.data_dir, split)
+    if not os.path.isdir(path):
+        raise SystemExit(f"error: --dataset folder: {args.data_dir} has no {split}/ folder; it needs "
+                         f"train/<class>/… and test/<class>/… (torchvision's ImageFolder layout)")
+    return path
+
+
+class _ClassFolders(datasets.ImageFolder):
+    """ImageFolder with the training split's classes, so a test image's label is its train/ index."""
+
+    def __init__(self, root, names, transform):
+        self.names = names
+        super().__init__(root, transform, allow_empty=True)
+
+    def find_classes(self, directory):
+        return self.names, {c: i for i, c in enumerate(self.names)}
+
+
+def folder_dataset(args, train, transform):
+    """One split of --data-dir as an ImageFolder; a bad folder is one line: a split missing, a test class
+    that train/ has not, a class of train/ (or a whole split) without images, an image that cannot be read."""
+    names, split = folder_classes(args), "train" if train else "test"
+    root = _split_dir(args, split)
+    if not train:
+        extra = sorted({e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")} - set(names))
+        if extra:
+            raise SystemExit(f"error: --dataset folder: {root} has classes that {args.data_dir}/train has not "
+                             f"({', '.join(extra[:3])}{' …' if len(extra) > 3 else ''}); the network's outputs "
+                             f"are train/'s classes")
+    data = _ClassFolders(root, names, transform)
+    found = {label for _, label in data.samples}
+    empty = [n for i, n in enumerate(names) if i not in found]
+    if not data.samples or (train and empty):
+        where = root if not data.samples else os.path.join(root, empty[0])
+        raise SystemExit(f"error: --dataset folder: {where} holds no images (files ending "
+                         f"{', '.join(IMAGES)})")
+    for path, _ in data.samples:  # a file that is not an image would stop the run mid-epoch
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as e:
+            raise SystemExit(f"error: --dataset folder: {path} cannot be read as an image ({first_line(e)}); "
+                             f"replace or delete it")
+    return data
 
 
 @contextlib.contextmanager
@@ -159,7 +278,7 @@ def check_input_memory(args, loader, device):
     """The Poisson code makes a mini-batch's input spike trains at once, (T, B, C, H, W) in float32: a
     lower bound of what one step takes. More than the device's memory ends in one line, before any work."""
     images = min(loader.batch_size, len(loader.dataset))
-    need = 4 * args.time_steps * images * math.prod(image_shape(args.dataset))
+    need = 4 * args.time_steps * images * math.prod(args.image_shape)
     have = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else \
         os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have:

@@ -40,7 +40,7 @@ import torch.fx
 import torch.nn as nn
 
 from checkpoints import WriteError, atomic_write, load_checkpoint, log
-from data import image_shape
+import data
 from spiking_layers import (Conv2d, Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork,
                             SpikingNeurons)
 
@@ -522,13 +522,13 @@ def _add(net, path, module):
 def export_checkpoint(Model, args):
     """--resume CKPT --export-nir PATH: the script's network with the checkpoint's weights, written to
     PATH as NIR; no data is read. Returns the network."""
-    net = Model(time_steps=args.time_steps, leak=args.leak, dropout=args.dropout)
+    net = data.network(Model, args)  # --dataset's width and input scale
     if args.resume.endswith(".nir"):
         load_into(args.resume, net)
     else:
         load_checkpoint(args.resume, net)
     try:
-        graph = to_nir(net, image_shape(args.dataset), on_off=args.nir_on_off)
+        graph = to_nir(net, tuple(args.image_shape), on_off=args.nir_on_off)
         write(graph, args.export_nir, args.overwrite)
     except NIRError as e:
         raise SystemExit(f"error: --export-nir {e}")

@@ -4,9 +4,11 @@ The paper trains a 7-layer ResNet on SVHN but its exact layer string could not b
 This is our reconstruction: ResNet11's stem and its first two blocks.
 
     32×32×3 – cnn11 64 – P – [cnn21 128, cnn22 128] – [cnn31 256, cnn32 256 /2] – fc0 1024 – fc1 10
+    (fc1: one output per class of --dataset)
 
 Train:     python svhn_ResNet.py
 Evaluate:  python svhn_ResNet.py --resume model_bestT1_svhn_r7.pth.tar --evaluate
+Other:     python svhn_ResNet.py --dataset cifar10         (or cifar100; or --dataset folder --data-dir DIR)
 """
 import utils  # first: it sets the process settings torch reads when it loads
 import torch.nn as nn
@@ -31,7 +33,7 @@ DEFAULTS = dict(                 # ResNet11's settings (cifar10_ResNet11.py), on
 
 
 class ResNet7(SpikingNetwork):
-    def __init__(self, time_steps=100, leak=0.99, dropout=0.25, time_chunk=None):
+    def __init__(self, time_steps=100, leak=0.99, dropout=0.25, time_chunk=None, classes=10):
         super().__init__(time_steps, leak, time_chunk)
         kw = dict(padding=1, leak=leak, dropout=dropout)
         self.cnn11 = SpikingConv2d(3, 64, 3, **kw)
@@ -42,7 +44,7 @@ class ResNet7(SpikingNetwork):
         self.cnn31, self.cnn32 = SpikingConv2d(128, 256, 3, **kw), SpikingConv2d(256, 256, 3, stride=2, **kw)
         self.shortcut2 = nn.Sequential(Conv2d(128, 256, 1, stride=2))
         self.fc0 = SpikingLinear(256 * 8 * 8, 1024, leak=leak, dropout=dropout)
-        self.fc1 = Linear(1024, 10)
+        self.fc1 = Linear(1024, classes)
         init_weights(self, gain=1.0)
 
     def step(self, x):                                        # x: (k, B, 3, 32, 32)
@@ -50,7 +52,7 @@ class ResNet7(SpikingNetwork):
         x = self.cnn22(self.cnn21(x), self.shortcut1(x))      # (k, B, 128, 16, 16)
         x = self.cnn32(self.cnn31(x), self.shortcut2(x))      # (k, B, 256, 8, 8)
         x = self.fc0(x.flatten(2))                            # (k, B, 1024)
-        return self.fc1(x)                                    # (k, B, 10) output currents
+        return self.fc1(x)                                    # (k, B, classes) output currents
 
 
 if __name__ == "__main__":

@@ -84,8 +84,13 @@ def get_parser(description, defaults, datasets=None):
     """Every flag of every script, defined once; the script's DEFAULTS dict sets their values."""
     p = _Parser(description=description, formatter_class=_Formatter)
     a = p.add_argument
-    if datasets and len(datasets) > 1:
-        a("--dataset", choices=datasets, help="dataset")
+    datasets = datasets or data.fitting(defaults["dataset"])  # those whose images fit the network, and folder
+    shape = data.image_shape(defaults["dataset"])
+    a("--dataset", choices=datasets, metavar="|".join(datasets), help="the images to learn; the output layer has one "
+      "neuron per class. folder: --data-dir/train/<class>/… and --data-dir/test/<class>/… (torchvision's "
+      f"ImageFolder layout), classes named by their folders, each image converted to the network's "
+      f"{shape[0]} channel(s), resized (shorter side) and centre-cropped to {shape[1]}×{shape[2]}, normalised "
+      f"into [-1, 1], no augmentation")
     a("-b", "--batch-size", type=COUNT, metavar="N", help="training mini-batch size *per process*")
     a("--test-batch-size", type=COUNT, metavar="N", help="test mini-batch size per process")
     a("--lr", type=_finite(lambda x: x > 0, "must be a finite number > 0"), help="initial learning rate (SGD)")
@@ -114,9 +119,10 @@ def get_parser(description, defaults, datasets=None):
     a("--seed", type=SEED, action=_SeedAll, metavar="S", help="seed of every generator a run draws from, CPU and "
       "CUDA alike (+ rank under torchrun): initialisation, shuffling, Poisson spikes, dropout masks. Without it, "
       f"the authors' pair: torch %(default)s, CUDA {defaults['cuda_seed']}")
-    a("--data-dir", default="./data", metavar="DIR", help="torchvision datasets are read (or downloaded) here")
-    a("--synthetic", action="store_true", help="deterministic random images of the dataset's shape, 10 "
-      "classes (torchvision FakeData), instead of the dataset: for smoke tests and CI; learns nothing")
+    a("--data-dir", default="./data", metavar="DIR", help="torchvision datasets are read (or downloaded) here; "
+      "with --dataset folder, the folder of train/ and test/")
+    a("--synthetic", action="store_true", help="deterministic random images of the dataset's shape and number "
+      "of classes (torchvision FakeData), instead of the dataset: for smoke tests and CI; learns nothing")
     a("--limit-train", type=COUNT, metavar="N", help="use only the first N training examples")
     a("--limit-val", type=COUNT, metavar="N", help="use only the first N test examples")
     a("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda if available")
@@ -131,8 +137,8 @@ def get_parser(description, defaults, datasets=None):
     a("--out-dir", default=".", metavar="DIR", help="checkpoints, the CSV log and plots go here, named by the "
       "script's tag")
     a("--no-progress", action="store_true", help="no tqdm bar (also off when stdout is not a terminal)")
-    a("--dead-patience", type=COUNT, default=10, metavar="N", help="warn once a layer has been silent or "
-      "saturated for N consecutive mini-batches")
+    a("--dead-patience", type=COUNT, default=10, metavar="N", help="warn once a layer has been silent (below "
+      "1e-3 spikes per neuron per step) or saturated, or the outputs stayed near 0, for N consecutive mini-batches")
     a("--stop-on-dead", action="store_true", help="exit with an error instead of that warning")
     a("--stats", action="store_true", help="with --evaluate: count spikes, synaptic operations and energy in "
       "the same evaluation pass; print a table, write stats.json and PNG plots to --out-dir/stats_<tag>/. Under "
@@ -145,7 +151,8 @@ def get_parser(description, defaults, datasets=None):
     a("--nir-on-off", action="store_true", help="with --export-nir: unsigned ON/OFF input channels (first-layer "
       "weights [W, -W]) for hardware that takes only positive events")
     # lr_steps as typed on the command line: --help shows "70,100,125" and argparse parses it
-    p.set_defaults(**{**defaults, "lr_steps": ",".join(map(str, defaults["lr_steps"]))})
+    p.set_defaults(**{**defaults, "lr_steps": ",".join(map(str, defaults["lr_steps"]))},
+                   image_shape=shape)  # the network's input, whatever --dataset
     return p
 
 
@@ -316,7 +323,7 @@ def train_one_epoch(model, net, loader, optimizer, monitor, epoch, args, device)
         # health, before the step: all ranks judge the same numbers (the loss summed, the rates averaged),
         # or a non-finite loss or --stop-on-dead would stop only some of them
         names, rates = net.spike_rates()
-        health = torch.cat([loss.detach().double().view(1), rates, (output.detach() != 0).double().mean().view(1)])
+        health = torch.cat([loss.detach().double().view(1), rates, output.detach().abs().double().mean().view(1)])
         if args.distributed:
             dist.all_reduce(health)
             health[1:] /= args.world_size
@@ -419,11 +426,18 @@ LOUDER = "more time steps (--time-steps), a lower learning rate (--lr), or a lar
 
 
 class DeadLayerError(Exception):
-    """--stop-on-dead: a layer has been silent or saturated for --dead-patience mini-batches."""
+    """--stop-on-dead: a layer has been (practically) silent or saturated for --dead-patience mini-batches."""
+
+
+# Below these a layer, or the output, is practically silent: it passes almost nothing forward and almost
+# no gradient back. Healthy networks' quietest layers fire 4× more or above (docs/training-health.md)
+QUIET_RATE = 1e-3     # spikes per neuron per time step
+QUIET_OUTPUT = 1e-3   # mean |output|: the loss then stays within 0.2 % of its all-zero value, 1 per image
 
 
 class HealthMonitor:
-    """Catches a layer that is silent (rate 0) or saturated (rate 1) batch after batch.
+    """Catches a layer that is silent (rate below QUIET_RATE, 0 included) or saturated (rate 1), or outputs
+    that stay at their silent value 0 (mean |output| below QUIET_OUTPUT), batch after batch.
 
     A silent layer passes no input forward and no gradient back (∂o/∂U' is zero where no spike
     fired), so once it has lasted a few mini-batches it almost never ends by itself."""
@@ -439,9 +453,9 @@ class HealthMonitor:
                                           self.args))
 
     def check(self, rates, epoch, batch):
-        """rates: layer -> firing rate in this batch; 'output' -> fraction of non-zero outputs."""
+        """rates: layer -> firing rate in this batch; 'output' -> mean |output| over images and classes."""
         for name, rate in rates.items():
-            dead = rate == 0.0 or (rate == 1.0 and name != "output")
+            dead = rate < (QUIET_OUTPUT if name == "output" else QUIET_RATE) or (rate == 1.0 and name != "output")
             self.streak[name] = self.streak.get(name, 0) + 1 if dead else 0
         due = [n for n in rates if self.streak[n] >= self.args.dead_patience and n not in self.reported]
         if not due:
@@ -449,14 +463,20 @@ class HealthMonitor:
         self.reported.update(due)
         first, rate = due[0], rates[due[0]]
         if first == "output":
-            what, remedy = "the output layer has been silent (all outputs exactly 0)", LOUDER
+            what, remedy = ("the output layer has been silent (all outputs exactly 0)" if rate == 0 else
+                            f"the outputs have stayed at their silent value 0 (mean |output| below "
+                            f"{QUIET_OUTPUT:g}; the loss stays near 1 per image)"), LOUDER
         elif rate == 1.0:
             what, remedy = f"layer {first} has been saturated (a spike at every step)", \
                 "a lower learning rate (--lr) or a smaller init scale"
-        else:
+        elif rate == 0:
             what, remedy = f"layer {first} has been silent (no spike)", LOUDER
+        else:
+            what, remedy = f"layer {first} has been practically silent (below {QUIET_RATE:g} spikes per " \
+                "neuron per step)", LOUDER
+        shown = f"{rate:.3f}" if rate == 0 or rate >= 0.001 else f"{rate:.1e}"
         also = f"; likewise {', '.join(due[1:])}" if len(due) > 1 else ""
-        message = (f"{what} for {self.args.dead_patience} consecutive mini-batches (rate {rate:.3f}, epoch "
+        message = (f"{what} for {self.args.dead_patience} consecutive mini-batches (rate {shown}, epoch "
                    f"{epoch + 1}, batch {batch}){also}. It cannot learn like this; what usually helps: {remedy}")
         if self.args.stop_on_dead:
             raise DeadLayerError(f"{message} (--stop-on-dead)")
@@ -581,7 +601,7 @@ def run(Model, args, device, files=None, given=()):
         log(args, f"=> --time-sweep goes to {args.time_sweep[-1]} steps: evaluating with --time-steps "
             f"{args.time_sweep[-1]} instead of {args.time_steps}")
         args.time_steps = args.time_sweep[-1]
-    net = Model(time_steps=args.time_steps, leak=args.leak, dropout=args.dropout, time_chunk=args.time_chunk).to(device)
+    net = data.network(Model, args, time_chunk=args.time_chunk).to(device)  # its width and input code: the dataset's
     optimizer = torch.optim.SGD(net.parameters(), args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.lr_steps, gamma=0.2)  # the paper's ×0.2
     set_lr_for_epoch(optimizer, scheduler, args.start_epoch, args)

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402  (puts the repository and tests/ on sys.path)
-from bench_train import NETWORKS, make_step  # noqa: E402
+from bench_train import INPUT_SCALE, NETWORKS, make_step  # noqa: E402
 from reference import reference_forward  # noqa: E402
 
 PRECISIONS = ("ieee", "amp", "tf32")
@@ -63,6 +63,7 @@ def agreement(name, T, B, device, amp):
     Model, shape = NETWORKS[name]
     torch.manual_seed(0)
     model = Model(time_steps=T).to(device).eval()
+    model.input_scale = INPUT_SCALE[name]
     spikes = model.encode(torch.rand(B, *shape, device=device) * 0.9)
     with torch.autocast(device.type, torch.bfloat16, enabled=amp):
         ours = model(spikes).float()

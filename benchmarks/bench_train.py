@@ -34,6 +34,7 @@ from mnist_LeNet import LeNet
 from reference import reference_forward
 
 NETWORKS = {"lenet": (LeNet, (1, 28, 28)), "vgg9": (VGG9, (3, 32, 32)), "resnet11": (ResNet11, (3, 32, 32))}
+INPUT_SCALE = {"lenet": data.DATASETS["mnist"].scale, "vgg9": 1.0, "resnet11": 1.0}  # the datasets' Poisson code
 
 
 def sizes(name, device):
@@ -59,6 +60,7 @@ def make_step(name, impl, mode, device, amp, chunk, T=None, B=None, checkpoint=N
     T, B = T or T0, B or B0
     torch.manual_seed(0)
     model = Model(time_steps=T, dropout=0.0)
+    model.input_scale = INPUT_SCALE[name]
     if checkpoint:
         checkpoints.load_checkpoint(checkpoint, model)
     model = model.to(device)

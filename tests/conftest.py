@@ -45,9 +45,13 @@ SCRIPTS = list(NETWORKS)
 
 
 def network(script, **kw):
-    """(network, script module): the script's network class built with kw."""
+    """(network, script module): the script's network class built with kw, with the input scale of the
+    script's default dataset (as a run sets it)."""
+    import data
     module = importlib.import_module(script[:-3])
-    return getattr(module, NETWORKS[script][0])(**kw), module
+    net = getattr(module, NETWORKS[script][0])(**kw)
+    net.input_scale = data.DATASETS[module.DEFAULTS["dataset"]].scale
+    return net, module
 
 
 def run_main(script, argv):

@@ -63,6 +63,28 @@ def test_stop_on_dead_raises_one_line(capsys):
     assert "layer cnn1" in str(e.value) and "--stop-on-dead" in str(e.value) and "\n" not in str(e.value)
 
 
+def test_a_practically_silent_layer_warns_and_a_quiet_healthy_one_does_not(capsys):
+    """Below utils.QUIET_RATE (1e-3) a layer is practically silent; a healthy network's quietest layer
+    fires 4× more or above (fresh VGG9 fc0 at T = 20: 4.4e-3; docs/training-health.md)."""
+    m = monitor(patience=3)
+    for batch in range(1, 10):
+        m.check({"cnn1": 0.2, "fc0": 4e-3, "output": 0.02}, epoch=0, batch=batch)
+    assert warnings(capsys) == []
+    for batch in range(10, 13):
+        m.check({"cnn1": 0.2, "fc0": 4e-4, "output": 0.02}, epoch=0, batch=batch)
+    (line,) = warnings(capsys)
+    assert "layer fc0 has been practically silent (below 0.001 spikes per neuron per step)" in line
+    assert "rate 4.0e-04" in line and "batch 12" in line and "--time-steps" in line
+
+
+def test_outputs_at_their_silent_value_warn(capsys):
+    m = monitor(patience=2)
+    for batch in (1, 2):
+        m.check({"cnn1": 0.2, "fc0": 0.01, "output": 2e-4}, epoch=0, batch=batch)
+    (line,) = warnings(capsys)
+    assert line.startswith("WARNING: the outputs have stayed at their silent value 0 (mean |output| below 0.001")
+
+
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_loss_is_named_as_such(loss):
     m = monitor(amp=True)
@@ -143,3 +165,58 @@ def test_healthy_run_on_fashion_mnist_prints_no_warning(run_script, tmp_path, fa
     assert "WARNING" not in p.out, p.out
     row, = csv.DictReader(open(tmp_path / "log_mnist1.csv"))
     assert all(float(row[f"rate_{k}"]) > 0 for k in ("cnn1", "pool1", "cnn2", "pool2", "fc0"))
+
+
+PRETRAINED = "pretrained/lenet_fashion_T20.pth.tar"
+
+
+@pytest.fixture
+def quiet_lenet(tmp_path):
+    """The shipped LeNet with fc0's weights × 0.2: at T = 8 on synthetic images fc0 fires 3e-4 of its
+    neuron-steps per mini-batch of 16 (about 9 spikes; measured 2.7e-4 to 4.3e-4), never exactly 0."""
+    ckpt = torch.load(PRETRAINED, map_location="cpu", weights_only=True)
+    state = dict(ckpt["state_dict"], **{"fc0.weight": ckpt["state_dict"]["fc0.weight"] * 0.2})
+    path = tmp_path / "quiet.pth.tar"
+    torch.save({"epoch": 0, "arch": "LeNet", "best_prec1": 0.0, "state_dict": state}, path)
+    return path
+
+
+def test_a_practically_silent_network_warns_within_patience(quiet_lenet, tmp_path, capsys):
+    """--lr 1e-6 holds it there (the paper's rate lifts fc0 above the floor within the epoch)."""
+    run_main("mnist_LeNet.py", ["--resume", quiet_lenet, "--synthetic", "--time-steps", "8", "--limit-train", "64",
+                                "-b", "16", "--limit-val", "16", "--lr", "1e-6", "--dead-patience", "3", "-j", "0",
+                                "--device", "cpu", "--no-progress", "--epochs", "1", "--out-dir", tmp_path])
+    (line,) = warnings(capsys)
+    assert "layer fc0 has been practically silent" in line and "batch 3)" in line
+    row, = csv.DictReader(open(tmp_path / "log_mnist1.csv"))
+    assert 0 < float(row["rate_fc0"]) < utils.QUIET_RATE  # never exactly silent: the old check missed it
+
+    code, message = exit_message("mnist_LeNet.py", [
+        "--resume", quiet_lenet, "--synthetic", "--time-steps", "8", "--limit-train", "64", "-b", "16",
+        "--limit-val", "16", "--lr", "1e-6", "--dead-patience", "3", "-j", "0", "--device", "cpu", "--no-progress",
+        "--epochs", "1", "--stop-on-dead", "--out-dir", tmp_path / "stop"])
+    assert code == 1 and "layer fc0 has been practically silent" in message and "batch 3)" in message
+    assert "--stop-on-dead" in message and message.endswith("Stopped; nothing was saved")
+
+
+def test_the_shipped_lenet_does_not_warn(tmp_path, capsys, fashion_mnist):
+    """Its quietest layer, fc0, fires about 1 % of steps at T = 20: 10× the floor. --dead-patience 1: no
+    mini-batch may fall below it."""
+    run_main("mnist_LeNet.py", ["--resume", PRETRAINED, "--dataset", "fashion-mnist", "--data-dir", tmp_path / "data",
+                                "--time-steps", "20", "--limit-train", "48", "-b", "16", "--limit-val", "16",
+                                "--epochs", "12", "--dead-patience", "1", "-j", "0", "--device", "cpu",
+                                "--no-progress", "--out-dir", tmp_path])
+    assert warnings(capsys) == []
+    row, = csv.DictReader(open(tmp_path / "log_mnist1.csv"))
+    assert min(float(v) for k, v in row.items() if k.startswith("rate_")) > 5 * utils.QUIET_RATE
+
+
+def test_a_fresh_vgg9_at_T100_does_not_warn(tmp_path, capsys):
+    """Synthetic CIFAR-10 images (FakeData's uniform pixels, normalised as CIFAR-10), 2 of them, one per
+    mini-batch: its quietest layer, fc0, fires 2.4e-2 at T = 100 (0.5 % on real images at T = 20)."""
+    run_main("cifar10_VGG9.py", ["--synthetic", "--time-steps", "100", "--limit-train", "2", "-b", "1",
+                                 "--limit-val", "1", "--test-batch-size", "1", "--epochs", "1", "--dead-patience", "1",
+                                 "-j", "0", "--device", "cpu", "--no-progress", "--out-dir", tmp_path])
+    assert warnings(capsys) == []
+    row, = csv.DictReader(open(tmp_path / "log_cifar10_v9.csv"))
+    assert min(float(v) for k, v in row.items() if k.startswith("rate_")) > 5 * utils.QUIET_RATE

@@ -17,6 +17,9 @@ import data
 import utils
 from conftest import NETWORKS, SCRIPTS, TAGS, exit_message, network
 
+DATASET = {"mnist_LeNet.py": "mnist", "cifar10_VGG9.py": "cifar10", "cifar10_ResNet11.py": "cifar10",
+           "svhn_ResNet.py": "svhn"}  # the paper's pairs: each script's default
+
 # ----------------------------------------------------------------------------------------------
 # Networks
 
@@ -27,6 +30,10 @@ def test_output_shape_and_spec_weight_names(script):
     assert [(k, tuple(v.shape)) for k, v in net.state_dict().items()] == \
         [(f"{name}.weight", shape) for name, shape in weights.items()]  # no biases, no buffers
     assert net(torch.rand(3, *image)).shape == (3, 10)
+    wide, _ = network(script, time_steps=2, classes=100)  # CIFAR-100: only the output layer is wider
+    assert {k: v.shape for k, v in wide.state_dict().items()} == \
+        {**{k: v.shape for k, v in net.state_dict().items()}, "fc1.weight": (100, weights["fc1"][1])}
+    assert wide(torch.rand(3, *image)).shape == (3, 100)
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -48,18 +55,16 @@ def test_state_dict_round_trip(script):
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_lists_every_flag_with_its_default(script, capsys):
     net, module = network(script, time_steps=2)
-    datasets = ("mnist", "fashion-mnist") if script == "mnist_LeNet.py" else None  # as the script passes them
     with pytest.raises(SystemExit) as e:
-        utils.main(type(net), module.DEFAULTS, datasets, argv=["--help"])
+        utils.main(type(net), module.DEFAULTS, argv=["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     for flag in ("-b N, --batch-size", "--lr", "--epochs", "--start-epoch", "--wd", "--weight-decay", "--momentum",
                  "-p N, --print-freq", "--resume", "-e, --evaluate", "-j N, --workers", "--time-steps", "--leak",
                  "--dropout", "--data-dir", "--device", "--seed", "--out-dir", "--limit-train", "--limit-val",
                  "--no-progress", "--test-batch-size", "--lr-steps", "--time-chunk", "--amp", "--synthetic",
-                 "--dead-patience", "--stop-on-dead"):
+                 "--dead-patience", "--stop-on-dead", "--dataset"):
         assert flag in out, flag
-    assert ("--dataset" in out) == (datasets is not None)
     assert "never passed it to SGD" in out and module.__doc__.splitlines()[0] in out
     assert f"(default: {module.DEFAULTS['lr']})" in out
     assert f"(default: {','.join(map(str, module.DEFAULTS['lr_steps']))})" in out
@@ -220,11 +225,14 @@ def test_a_damaged_dataset_file_is_named_with_the_way_on(damage, tmp_path):
 
 def test_synthetic_data_is_deterministic_and_shaped_like_the_dataset():
     import mnist_LeNet
-    for name, shape in (("mnist", (1, 28, 28)), ("cifar10", (3, 32, 32)), ("svhn", (3, 32, 32))):
+    for name, shape, classes in (("mnist", (1, 28, 28), 10), ("cifar10", (3, 32, 32), 10),
+                                 ("cifar100", (3, 32, 32), 100), ("svhn", (3, 32, 32), 10)):
         args = utils.get_parser("", {**mnist_LeNet.DEFAULTS, "dataset": name}).parse_args(["--synthetic",
-                                                                                           "--limit-val", "4"])
+                                                                                           "--limit-val", "64"])
         a, b = data.get_dataset(args, train=False), data.get_dataset(args, train=False)
-        assert len(a) == 4 and a[0][0].shape == shape and torch.equal(a[3][0], b[3][0]) and 0 <= a[3][1] < 10
+        assert len(a) == 64 and a[0][0].shape == shape and torch.equal(a[3][0], b[3][0])
+        labels = {label for _, label in a}
+        assert labels <= set(range(classes)) and (max(labels) >= 10) == (classes == 100)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,6 +249,7 @@ def test_train_resume_evaluate(script, run_script, tiny, tmp_path):
     assert last.exists() and best.exists()
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["arch"] == NETWORKS[script][0] and ckpt["args"]["time_steps"] == 2
+    assert (ckpt["dataset"], ckpt["classes"]) == (DATASET[script], 10)
     assert {"state_dict", "best_prec1", "optimizer", "scheduler", "rng_cpu"} <= ckpt.keys()
 
     p = run_script(script, *tiny, "--epochs", "2", "--out-dir", tmp_path, "--resume", last)

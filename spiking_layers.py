@@ -28,7 +28,6 @@ is a parameter. The numerics do not depend on k or on the backend. For backward,
 keeps its input spikes in one byte, and each neuron layer its spikes in one bit, never the float
 currents or membranes.
 """
-import contextlib
 import contextvars
 import math
 

@@ -16,7 +16,9 @@ forward pass without grad. Sizes: LeNet T = 100, batch 64; VGG9 and ResNet11 T =
 CPU, T = 100, batch 16 on a GPU. Engine and reference each run in a process of their own, in turn
 (see harness.py). `--against kept-rows` runs the engine against itself with the event kernels'
 weight rows kept across passes while the weight's version counter and storage stay the same (blind
-to a change through .data; the engine makes them once a pass): what making them once a pass costs.
+to a change through .data; the engine makes them once a pass): what making them once a pass costs;
+also the rows the engine makes per call, their milliseconds and their share of the call's time
+(timed inside one engine call in this process).
 Prints samples/s of each, their ratio, and the peak memory of each (measured in
 a process of its own) and their ratio. For VGG9 and ResNet11 it also prints the minutes a CIFAR-10
 epoch would take at the engine's rate: 50,000 training images (train rows), 10,000 test images
@@ -26,6 +28,7 @@ import argparse
 import contextlib
 import gzip
 import os
+import time
 
 import numpy as np
 import torch
@@ -72,6 +75,35 @@ def keep_rows_across_passes():
             cached = cache[weight] = (stamp, make(weight, None))
         return cached[1]
     numba_events._rows = rows
+
+
+def rows_share(step, calls=3):
+    """(rows made per call, their milliseconds per call, their share of the call's time) of the
+    engine's step, timing numba_events' row builders inside it (after one warm-up call)."""
+    spent = {"rows": 0, "seconds": 0.0}
+    builders = {name: getattr(numba_events, name) for name in ("_linear_rows", "_conv_rows")}
+
+    def timed(build):
+        def run(w):
+            start = time.perf_counter()
+            try:
+                return build(w)
+            finally:
+                spent["rows"] += 1
+                spent["seconds"] += time.perf_counter() - start
+        return run
+    step()
+    for name, build in builders.items():
+        setattr(numba_events, name, timed(build))
+    try:
+        start = time.perf_counter()
+        for _ in range(calls):
+            step()
+        total = time.perf_counter() - start
+    finally:
+        for name, build in builders.items():
+            setattr(numba_events, name, build)
+    return spent["rows"] / calls, spent["seconds"] / calls * 1e3, spent["seconds"] / total
 
 
 def make_step(name, impl, mode, device, amp, chunk, T=None, B=None, checkpoint=None, images="random"):
@@ -163,10 +195,12 @@ def main():
             T0, B0 = sizes(name, device)
             T, B = args.time_steps or T0, args.batch_size or B0
             if other != "reference":
+                made, ms, share = rows_share(make_step(name, "engine", mode, **common)[0])
                 rows.add(dict(model=name, mode=mode, T=T, batch=B, amp=args.amp, device=args.device,
                               weights=args.checkpoint or "init", images=args.images,
                               engine_samples_s=B / seconds["engine"], kept_rows_samples_s=B / seconds[other],
-                              engine_over_kept_rows=seconds["engine"] / seconds[other]))
+                              engine_over_kept_rows=seconds["engine"] / seconds[other],
+                              rows_made=made, rows_ms=ms, rows_share=share))
                 continue
             row = dict(model=name, mode=mode, T=T, batch=B, amp=args.amp, device=args.device,
                        weights=args.checkpoint or "init", images=args.images,

@@ -250,8 +250,8 @@ def _unpool_step(g, t, m, grad_x, quarter, channels):
 @_kernel
 def _pool_fire_cpu(lo, hi, x, u, out, n, record, t0, v_th, leak, quarter, channels):
     """The pooled neurons of images lo..hi, (M, h·w·C) flat in u, n, out[t] and record: each step's
-    current, the 2×2 average of x[t] (k, M, H, W·C), h = ⌊H/2⌋, w = ⌊W/2⌋, is computed into a cached buffer, then
-    steps 2–5 run on it as in _fire_cpu (record may be None)."""
+    current, the 2×2 average of x[t] (k, M, H, W·C), h = ⌊H/2⌋, w = ⌊W/2⌋, is computed into a
+    cached buffer, then steps 2–5 run on it as in _fire_cpu (record may be None)."""
     size = u.shape[0] // x.shape[1]
     current, zero = np.empty(size, dtype=x.dtype), u.dtype.type(0)
     pairs = np.empty(x.shape[3] - channels, dtype=x.dtype)

@@ -6,8 +6,10 @@ gradients stream through once, and the spike record is kept as bits. The arithme
 tensor_ops.py, operation for operation, and every launch compiles without FP contraction
 (LAUNCH), so each product and each sum is rounded on its own, as the tensor operations and the
 numba loops round them: given the same currents, the spikes, membranes, N, LF and the backward
-recursion's gradients are the same bits as theirs, on any device. Membranes, N, LF and gradients are float32 (float64 for float64 models); currents may be bf16
-(autocast), read as such. Nothing here synchronises with the host.
+recursion's gradients are the same bits as theirs, on any device (the currents themselves, sums
+of convolution libraries, are not: docs/engine.md). Membranes, N, LF and gradients are float32
+(float64 for float64 models); currents may be bf16 (autocast), read as such. Nothing here
+synchronises with the host.
 
 On CUDA tensors the kernels are compiled; with TRITON_INTERPRET=1 (set before triton is imported)
 they run on CPU tensors in Triton's interpreter, which is how the tests check them without a GPU.

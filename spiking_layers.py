@@ -459,6 +459,8 @@ class PoolIF(IF):
     """2×2 average pooling, then IF neurons (in one pass where the backend fuses them)."""
 
     def forward(self, spike_seq):  # (k, B, C, H, W) -> (k, B, C, ⌊H/2⌋, ⌊W/2⌋)
+        if min(spike_seq.shape[-2:]) < 2:
+            raise ValueError(f"2×2 pooling needs maps of at least 2×2, got {tuple(spike_seq.shape[-2:])}")
         if not spiking_kernels.for_tensor(spike_seq).fuses_pooling(spike_seq):
             return self.fire(_AvgPool2x2.apply(spike_seq))
         if self.u is None:

@@ -77,6 +77,8 @@ def test_odd_maps_into_pooling_match_reference(backend, device):
     net = OddMaps(4).double().to(device)
     compare_with_reference(net, "odd", signed_spikes((4, 3, 2, 11, 9), 0.5, device=device), 3)
     assert net.pool1.u.shape[-2:] == (5, 4) and net.pool2.u.shape[-2:] == (2, 2)
+    with pytest.raises(ValueError, match="2×2 pooling needs maps of at least 2×2, got"):
+        sl.PoolIF()(torch.ones(2, 1, 3, 1, 5, dtype=torch.float64, device=device))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,7 +28,6 @@ is a parameter. The numerics do not depend on k or on the backend. For backward,
 keeps its input spikes in one byte, and each neuron layer its spikes in one bit, never the float
 currents or membranes.
 """
-import contextlib
 import contextvars
 import math
 
@@ -202,7 +201,7 @@ class SpikingNeurons(nn.Module):
                                            self.leak_corrected, self.mask)
         else:
             spikes = _fire(current_seq, self.u, self.window, self.v_th, self.leak, False, self.mask, record=False)
-        return spikes
+        return _made_spikes(spikes)
 
 
 class LIF(SpikingNeurons):
@@ -234,43 +233,53 @@ class IF(SpikingNeurons):
 # ----------------------------------------------------------------------------------------------
 # Synapses: a per-image layer applied to a (k, B, ...) spike chunk by folding time into the batch
 
-# Inside SpikingNetwork.forward, every weight layer's input is spikes by construction (the encoder's,
-# or a neuron layer's times its mask): packing them for backward then needs no check, which on a GPU
-# would wait for the device. Outside it (a layer used on its own) each input is checked.
-_SPIKE_INPUTS = contextvars.ContextVar("spike_inputs", default=False)
+class _Pass:
+    """One forward pass of a network and its backward. It knows which tensors are spike trains by
+    where they came from (the encoder's, or a neuron layer's of this pass, unmodified: the version
+    counter they had then), so that packing them needs no check, which on a GPU would wait for
+    the device; and it holds what a backend derives from a weight (the event kernels' weight
+    rows), for this pass only: the next pass sees the weight as it is then, however it changed."""
+
+    def __init__(self):
+        self.spikes = torch.utils.weak.WeakIdKeyDictionary()   # tensor -> its version when made
+        self.derived = torch.utils.weak.WeakIdKeyDictionary()  # weight -> a backend's layout of it
+
+    def made_spikes(self, x):
+        # a view of all of a tensor (a neuron layer's spikes are one of their flat output) stands
+        # for that tensor, so that every view of it (a reshape, a chunk) is known too
+        whole = x if x._base is None or x.numel() != x._base.numel() else x._base
+        self.spikes[whole] = whole._version
+
+    def are_spikes(self, x):
+        return any(t is not None and self.spikes.get(t) == t._version for t in (x, x._base))
 
 
-@contextlib.contextmanager
-def spike_inputs(trusted=True):
-    """Weight layers called inside this block take their inputs for spikes (0 or ±s) unchecked."""
-    token = _SPIKE_INPUTS.set(trusted)
-    try:
-        yield
-    finally:
-        _SPIKE_INPUTS.reset(token)
+_PASS = contextvars.ContextVar("forward_pass", default=None)
 
 
-# A network is a scope over which a backend may keep what it derives from a weight while the weight
-# is unchanged (e.g. the event kernels' weight rows), over the chunks of a pass, its backward and
-# the passes after it; a layer called on its own has no scope.
-_SCOPE = contextvars.ContextVar("weight_scope", default=None)
+def _made_spikes(spikes):
+    """Marks a neuron layer's output as spikes for the pass it belongs to."""
+    current_pass = _PASS.get()
+    if current_pass is not None:
+        current_pass.made_spikes(spikes)
+    return spikes
 
 
-@contextlib.contextmanager
-def weight_scope(token):
-    """The weight layers called inside this block (and their backward) are in the scope `token`."""
-    reset = _SCOPE.set(token)
-    try:
-        yield
-    finally:
-        _SCOPE.reset(reset)
+def _derived():
+    """Where a backend keeps what it derives from a weight: the pass's, or None (a layer on its own)."""
+    current_pass = _PASS.get()
+    return None if current_pass is None else current_pass.derived
 
 
 def _current(layer, spike_seq, weight, pack=True):
     """I = layer(s) over a chunk (k, B, ...), on events where the backend has them and the input is
     sparse. Also returns the packed input (q, s) of the k·B images for backward (None: kept as it
     is, graded input) and the input's density of events (None: not eligible for events), with
-    which backward chooses its paths."""
+    which backward chooses its paths. Inside a pass, spikes by provenance are packed unchecked;
+    any other input is checked where that costs no wait for a device (CPU tensors), and is kept
+    as floats elsewhere; outside a pass (a layer on its own) every input is checked."""
+    current_pass = _PASS.get()
+    trusted = current_pass is not None and current_pass.are_spikes(spike_seq)
     x = spike_seq.flatten(0, 1)
     kernels = spiking_kernels.for_tensor(x)
     if isinstance(layer, nn.Conv2d) and kernels.channels_last:
@@ -278,12 +287,13 @@ def _current(layer, spike_seq, weight, pack=True):
     on_events = kernels.events and kernels.event_eligible(layer, weight)
     packed, density = None, None
     if pack or on_events:
-        packed = kernels.pack(x, check=not _SPIKE_INPUTS.get())
+        if trusted or current_pass is None or x.device.type == "cpu":
+            packed = kernels.pack(x, check=not trusted)
         if packed is not None and on_events:
             # under bf16 autocast the dense kernels run about twice as fast: halve the crossovers
             density = packed[2] / max(x.numel(), 1) * (2 if torch.is_autocast_enabled("cpu") else 1)
     if density is not None and density < kernels.event_crossovers(layer)["forward"]:
-        current = kernels.event_current(layer, packed[0], packed[1], weight, _SCOPE.get())
+        current = kernels.event_current(layer, packed[0], packed[1], weight, _derived())
     else:
         current = _per_image(layer, x, weight)
     return current.unflatten(0, spike_seq.shape[:2]), x if packed is None else packed[:2], density
@@ -316,7 +326,7 @@ class _Synapse(torch.autograd.Function):
         current, kept, density = _current(layer, spike_seq, weight)
         x, ctx.scale = kept if isinstance(kept, tuple) else (kept, None)
         ctx.save_for_backward(x, weight)
-        ctx.layer, ctx.chunk, ctx.in_dtype, ctx.scope = layer, spike_seq.shape[:2], spike_seq.dtype, _SCOPE.get()
+        ctx.layer, ctx.chunk, ctx.in_dtype, ctx.derived = layer, spike_seq.shape[:2], spike_seq.dtype, _derived()
         crossover = spiking_kernels.for_tensor(x).event_crossovers(layer) if density is not None else {}
         ctx.events = density is not None and density < crossover["weight_grad"]
         ctx.events_x = density is not None and density < crossover["input_grad"] and _fired_spikes(spike_seq)
@@ -351,7 +361,8 @@ class _Synapse(torch.autograd.Function):
         if need_w and ctx.events:
             grad_w = kernels.event_weight_grad(layer, q, s, weight, grad_current)
         if ctx.needs_input_grad[0] and ctx.events_x:
-            grad_x = kernels.event_input_grad(layer, q, weight, grad_current.flatten(0, 1).to(weight.dtype), ctx.scope)
+            grad_x = kernels.event_input_grad(layer, q, weight, grad_current.flatten(0, 1).to(weight.dtype),
+                                             ctx.derived)
         if grad_x is not None:
             grad_x = grad_x.unflatten(0, ctx.chunk).to(ctx.in_dtype)
         if grad_w is not None and (grad_w.dtype != weight.dtype or grad_w.stride() != weight.stride()):
@@ -398,18 +409,20 @@ class Linear(nn.Linear):
 # Pooling
 
 class _AvgPool2x2(torch.autograd.Function):
-    """2×2 average pooling of a (k, B, C, H, W) chunk, in its layout. Backward needs no saved
-    input (the gradient is 1/4 everywhere), whereas autograd's avg_pool2d would keep the spikes."""
+    """2×2 average pooling of a (k, B, C, H, W) chunk, in its layout; of an odd size, as
+    F.avg_pool2d, without the last row or column. Backward needs no saved input (the gradient is
+    1/4 everywhere, 0 on a dropped row or column), whereas autograd's avg_pool2d would keep the spikes."""
 
     @staticmethod
     def forward(ctx, spike_seq):
         x = spike_seq.flatten(0, 1)                                     # (k·B, C, H, W)
+        ctx.size = x.shape[2:]
         return spiking_kernels.for_tensor(x).pool2x2(x).unflatten(0, spike_seq.shape[:2])
 
     @staticmethod
     def backward(ctx, grad):
         g = grad.flatten(0, 1)
-        return spiking_kernels.for_tensor(g).unpool2x2(g).unflatten(0, grad.shape[:2])
+        return spiking_kernels.for_tensor(g).unpool2x2(g, ctx.size).unflatten(0, grad.shape[:2])
 
 
 class _PoolNeuron(torch.autograd.Function):
@@ -445,7 +458,9 @@ def _pool_fire(spike_seq, u, window, v_th, record):
 class PoolIF(IF):
     """2×2 average pooling, then IF neurons (in one pass where the backend fuses them)."""
 
-    def forward(self, spike_seq):  # (k, B, C, H, W) -> (k, B, C, H/2, W/2)
+    def forward(self, spike_seq):  # (k, B, C, H, W) -> (k, B, C, ⌊H/2⌋, ⌊W/2⌋)
+        if min(spike_seq.shape[-2:]) < 2:
+            raise ValueError(f"2×2 pooling needs maps of at least 2×2, got {tuple(spike_seq.shape[-2:])}")
         if not spiking_kernels.for_tensor(spike_seq).fuses_pooling(spike_seq):
             return self.fire(_AvgPool2x2.apply(spike_seq))
         if self.u is None:
@@ -454,7 +469,7 @@ class PoolIF(IF):
             spikes, self.u = _PoolNeuron.apply(spike_seq, self.u, self.window, self.v_th)
         else:
             spikes = _pool_fire(spike_seq, self.u, self.window, self.v_th, record=False)
-        return spikes
+        return _made_spikes(spikes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -545,7 +560,8 @@ class SpikingNetwork(nn.Module):
     """Runs `step` chunk by chunk over the T-step window and integrates the output layer.
 
     Subclasses define the layers and `step(x)`: input spikes (k, B, ...) -> output currents
-    (k, B, classes), passing spikes (not sums of them) to every weight layer. `model(x)` takes
+    (k, B, classes). A weight layer given spikes (the encoder's, or a neuron layer's, unmodified)
+    keeps them in a byte for backward; given anything else (a sum of spikes) it computes with floats. `model(x)` takes
     images (B, C, H, W), Poisson-encoded here, or a ready spike train (T, B, C, H, W) (event data,
     exact tests), and returns U_out(T) / V_th / T. time_chunk: time steps per call (None: all T on
     a GPU, about `images_per_call` images per convolution on a CPU); results do not depend on it."""
@@ -561,7 +577,6 @@ class SpikingNetwork(nn.Module):
         _check_leak(leak)
         self.time_steps, self.leak, self.time_chunk = time_steps, leak, time_chunk
         self.v_th = 1.0
-        self._weight_scope = object()  # this network's, for weight_scope (a copy of the network gets its own)
 
     def encode(self, images, generator=None):
         return poisson_encode(images, self.time_steps, self.input_scale, generator)
@@ -571,15 +586,18 @@ class SpikingNetwork(nn.Module):
         then the result is (len(readout_steps) + 1, B, classes), the full window last."""
         # a given spike train is checked once here (graded values are kept as they are); the
         # encoder's spikes need no check, so a step on images never waits for the device
-        spikes = x.dim() == 4 or is_spike_train(x)
+        this_pass = _Pass()
         spike_seq = self.encode(x) if x.dim() == 4 else x
+        if x.dim() == 4 or is_spike_train(x):
+            this_pass.made_spikes(spike_seq)
         T, B = spike_seq.shape[:2]
         for m in self.modules():
             if isinstance(m, SpikingNeurons):
                 m.reset()
         k = self.time_chunk or default_time_chunk(B, T, spike_seq.device, self.images_per_call)
         u, t, readouts = None, 0, []
-        with spike_inputs(spikes), weight_scope(self._weight_scope):
+        token = _PASS.set(this_pass)
+        try:
             for chunk in spike_seq.split(k):
                 current_seq = self.step(chunk)
                 if u is None:
@@ -594,6 +612,8 @@ class SpikingNetwork(nn.Module):
                 else:
                     u = _leaky_sum(current_seq, u, self.leak)
                 t += len(chunk)
+        finally:
+            _PASS.reset(token)
         out = u / self.v_th / T
         return torch.stack(readouts + [out.detach()]) if readout_steps else out
 

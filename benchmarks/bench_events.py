@@ -55,10 +55,10 @@ def make_calls(name, density):
                      weight_grad=dense_grads(True, False), input_grad=dense_grads(False, True))
     else:
         dense = dict(forward=lambda: x @ w.t(), weight_grad=lambda: grad.t() @ x, input_grad=lambda: grad @ w)
-    scope = object()  # as inside a network: the weight's rows are made once, then kept
-    events = dict(forward=lambda: numba_cpu.event_current(layer, q, s, w, scope),
+    kept = {}  # as over the chunks of a pass: the weight's rows are made once, then kept
+    events = dict(forward=lambda: numba_cpu.event_current(layer, q, s, w, kept),
                   weight_grad=lambda: numba_cpu.event_weight_grad(layer, q, s, w, grad),
-                  input_grad=lambda: numba_cpu.event_input_grad(layer, q, w, grad, scope))
+                  input_grad=lambda: numba_cpu.event_input_grad(layer, q, w, grad, kept))
     return {part: (dense[part], events[part]) for part in PARTS}
 
 

@@ -42,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND...: the command under a timeout, logged; n
 if [ $dry = 1 ]; then  # Triton's kernels in its interpreter, on CPU tensors
   export TRITON_INTERPRET=1 SPIKING_BACKEND=triton
   device=cpu
-  tests=(-k "triton-cpu and (network_matches or graded)")
+  tests=(-k "triton-cpu and (network_matches or graded or summed_spikes or odd_maps)")
   bench=(--device cpu --time-steps 2 --batch-size 1 --rounds 1 --no-warmup)
   epoch=(--device cpu --time-steps 2 --limit-train 16 --limit-val 8 -b 8 --test-batch-size 8 -j 0)
 else
@@ -64,7 +64,7 @@ if sys.argv[1] == "cuda":
           f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB", "cuda", torch.version.cuda,
           "torch build archs", " ".join(torch.cuda.get_arch_list()))
 EOF
-step "engine tests" 115 "$py" -m pytest -q -p no:cacheprovider tests/test_engine.py "${tests[@]}"
+step "engine tests" 115 "$py" -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_variants.py "${tests[@]}"
 step benchmark 110 "$py" benchmarks/bench_gpu.py "${bench[@]}" --json "$out/bench.json"
 step "script epoch" 40 "$py" cifar10_VGG9.py --synthetic --epochs 1 --no-progress --overwrite \
   --out-dir "$out/vgg9_epoch" "${epoch[@]}"

@@ -139,7 +139,8 @@ def _as(u, value):
 
 @_kernel
 def _pool_cpu(lo, hi, x, out, quarter, channels):
-    """out (M, h·w·C) = 2×2 average of x (1, M, 2h, 2w·C), images lo..hi (_pool_step)."""
+    """out (M, h·w·C) = 2×2 average of x (1, M, H, W·C), h = ⌊H/2⌋, w = ⌊W/2⌋, images lo..hi
+    (_pool_step)."""
     pairs = np.empty(x.shape[3] - channels, dtype=x.dtype)
     for m in range(lo, hi):
         _pool_step(x, 0, m, out[m], quarter, channels, pairs)
@@ -147,7 +148,7 @@ def _pool_cpu(lo, hi, x, out, quarter, channels):
 
 @_kernel
 def _unpool_cpu(lo, hi, g, out, quarter, channels):
-    """The gradient of 2×2 average pooling: out (1, M, 2h, 2w·C) gets 1/4 of g (M, h·w·C) at each
+    """The gradient of 2×2 average pooling: out (1, M, H, W·C) gets 1/4 of g (M, h·w·C) at each
     of an output's inputs, images lo..hi (_unpool_step)."""
     for m in range(lo, hi):
         _unpool_step(g[m], 0, m, out, quarter, channels)
@@ -171,15 +172,14 @@ def _maps(x):
     return max(1, 32768 // (x.shape[1] * x.shape[2] * x.shape[3]))
 
 
-def _pool_images(x, out_size):
-    """Runs 2×2 pooling (out_size smaller) or its gradient (larger) from x (N, C, H, W) to a new
+def _pool_images(x, out_size, pooling):
+    """Runs 2×2 pooling (or, not pooling, its gradient) from x (N, C, H, W) to a new
     (N, C, *out_size), both in x's layout, with the loops of the fused pooling neurons."""
     cl = is_channels_last(x)
     x = x if cl else x.contiguous()
     out = torch.empty(*x.shape[:2], *out_size, dtype=x.dtype,
                       memory_format=torch.channels_last if cl else torch.contiguous_format)
     x, o = _images(x, cl), _images(out, cl)
-    pooling = x.shape[1] > o.shape[1]
     kernel, fine, coarse = (_pool_cpu, x, o) if pooling else (_unpool_cpu, o, x)
     rows = _rows(fine[None])
     args = (rows, coarse.reshape(coarse.shape[0], -1)) if pooling else (coarse.reshape(coarse.shape[0], -1), rows)
@@ -191,13 +191,13 @@ def _pool_images(x, out_size):
 def pool2x2(x):
     if not _compiled(x):
         return tensor_ops.pool2x2(x)
-    return _pool_images(x, (x.shape[2] // 2, x.shape[3] // 2))
+    return _pool_images(x, (x.shape[2] // 2, x.shape[3] // 2), True)
 
 
-def unpool2x2(g):
+def unpool2x2(g, size):
     if not _compiled(g):
-        return tensor_ops.unpool2x2(g)
-    return _pool_images(g, (2 * g.shape[2], 2 * g.shape[3]))
+        return tensor_ops.unpool2x2(g, size)
+    return _pool_images(g, tuple(size), False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,10 +206,11 @@ def unpool2x2(g):
 
 @_inlined
 def _pool_step(x, t, m, current, quarter, channels, pairs):
-    """current (h·w·C) = 2×2 average of x[t, m] (2h, 2w·C), summed in F.avg_pool2d's order: an
-    input, its right neighbour, then the two below. Along a row pair every input is summed with
-    its neighbours into pairs (C less than a row), one long loop that vectorizes, of which the
-    even inputs' sums are kept (all unsigned: int64 with uint64 would be float64 indices)."""
+    """current (h·w·C) = 2×2 average of x[t, m] (H, W·C), h = ⌊H/2⌋, w = ⌊W/2⌋ (an odd last row or
+    column dropped, as F.avg_pool2d does), summed in F.avg_pool2d's order: an input, its right
+    neighbour, then the two below. Along a row pair every input is summed with its neighbours into
+    pairs (C less than a row), one long loop that vectorizes, of which the even inputs' sums are
+    kept (all unsigned: int64 with uint64 would be float64 indices)."""
     c_, row, two = U64(channels), U64(x.shape[3]), U64(2)
     h, w = U64(x.shape[2]) // two, row // (two * c_)
     for y in range(h):
@@ -224,8 +225,8 @@ def _pool_step(x, t, m, current, quarter, channels, pairs):
 
 @_inlined
 def _unpool_step(g, t, m, grad_x, quarter, channels):
-    """grad_x[t, m] (2h, 2w·C) = 1/4 of g (h·w·C) at each of its 2×2 inputs: the upper row input
-    by input, the lower row a copy of it."""
+    """grad_x[t, m] (H, W·C) = 1/4 of g (h·w·C) at each of its 2×2 inputs: the upper row input
+    by input, the lower row a copy of it; 0 on an odd last row or column (the pooling drops them)."""
     c_, row, two = U64(channels), U64(grad_x.shape[3]), U64(2)
     h, w = U64(grad_x.shape[2]) // two, row // (two * c_)
     for y in range(h):
@@ -236,15 +237,21 @@ def _unpool_step(g, t, m, grad_x, quarter, channels):
                 q = g[a + c] * quarter
                 top[b + c] = q
                 top[b + c_ + c] = q
+        for j in range(two * w * c_, row):
+            top[j] = 0
         for j in range(row):
             bottom[j] = top[j]
+    if U64(grad_x.shape[2]) > two * h:
+        last = grad_x[t, m, two * h]
+        for j in range(row):
+            last[j] = 0
 
 
 @_kernel
 def _pool_fire_cpu(lo, hi, x, u, out, n, record, t0, v_th, leak, quarter, channels):
     """The pooled neurons of images lo..hi, (M, h·w·C) flat in u, n, out[t] and record: each step's
-    current, the 2×2 average of x[t] (k, M, 2h, 2w·C), is computed into a cached buffer, then
-    steps 2–5 run on it as in _fire_cpu (record may be None)."""
+    current, the 2×2 average of x[t] (k, M, H, W·C), h = ⌊H/2⌋, w = ⌊W/2⌋, is computed into a
+    cached buffer, then steps 2–5 run on it as in _fire_cpu (record may be None)."""
     size = u.shape[0] // x.shape[1]
     current, zero = np.empty(size, dtype=x.dtype), u.dtype.type(0)
     pairs = np.empty(x.shape[3] - channels, dtype=x.dtype)
@@ -266,7 +273,7 @@ def _pool_fire_cpu(lo, hi, x, u, out, n, record, t0, v_th, leak, quarter, channe
 @_kernel
 def _backprop_unpool_cpu(lo, hi, grad_spikes, record, t0, slope, carry, grad_x, quarter, channels):
     """_backprop_cpu for the pooled neurons of images lo..hi into a cached buffer per step, which
-    then goes as 1/4 to each of the step's 2×2 inputs in grad_x (k, M, 2h, 2w·C)."""
+    then goes as 1/4 to each of the step's 2×2 inputs in grad_x (k, M, H, W·C)."""
     size = carry.shape[0] // grad_x.shape[1]
     g = np.empty(size, dtype=carry.dtype)
     for m in range(lo, hi):
@@ -281,9 +288,8 @@ def _backprop_unpool_cpu(lo, hi, grad_spikes, record, t0, slope, carry, grad_x, 
 
 
 def fuses_pooling(x):
-    """Whether pool_fire and backprop_unpool serve spikes x (k, B, C, H, W): compiled dtypes, even
-    sizes."""
-    return _compiled(x) and x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0
+    """Whether pool_fire and backprop_unpool serve spikes x (k, B, C, H, W): compiled dtypes."""
+    return _compiled(x)
 
 
 def _step_images(x, cl):
@@ -295,8 +301,8 @@ def _step_images(x, cl):
 
 
 def pool_fire(x, u, n, record, t0, v_th, leak):
-    """IF neurons u (B, C, H/2, W/2) on the 2×2 average pooling of spikes x (k, B, C, H, W), in one
-    pass: returns the spikes (k, B, C, H/2, W/2) in u's layout; u, n and record are updated in
+    """IF neurons u (B, C, ⌊H/2⌋, ⌊W/2⌋) on the 2×2 average pooling of spikes x (k, B, C, H, W), in
+    one pass: returns the spikes (k, B, C, ⌊H/2⌋, ⌊W/2⌋) in u's layout; u, n and record are updated in
     place (as fire with no leaky sum and no mask)."""
     cl = is_channels_last(u)
     images = _step_images(x, cl)
@@ -418,16 +424,16 @@ def event_crossovers(layer):
     return numba_events.crossovers(layer, EVENT_DENSITY)
 
 
-def event_current(layer, q, s, weight, scope=None):
-    return numba_events.current(layer, q, s, weight, scope, _split)
+def event_current(layer, q, s, weight, kept=None):
+    return numba_events.current(layer, q, s, weight, kept, _split)
 
 
 def event_weight_grad(layer, q, s, weight, grad_current):
     return numba_events.weight_grad(layer, q, s, weight, grad_current, _split)
 
 
-def event_input_grad(layer, q, weight, grad_current, scope=None):
-    return numba_events.input_grad(layer, q, weight, grad_current, scope, _split)
+def event_input_grad(layer, q, weight, grad_current, kept=None):
+    return numba_events.input_grad(layer, q, weight, grad_current, kept, _split)
 
 
 def unpack(q, s, dtype):

@@ -201,22 +201,18 @@ def crossovers(layer, table):
     return table["linear" if isinstance(layer, nn.Linear) else "conv"]
 
 
-_ROWS = torch.utils.weak.WeakIdKeyDictionary()  # weight -> (scope, its version and storage, its rows)
-
-
-def _rows(weight, scope):
+def _rows(weight, kept):
     """A weight as the event kernels read it: a Linear layer's as rows (I, O), a convolution's as
-    rows (C, KH, KW·O), kw reversed. Kept within a scope (a network: spiking_layers.weight_scope)
-    while the weight is unchanged (its version counter and storage: in-place updates, as optimizers
-    and load_state_dict make, renew them; a change through .data would go unseen); computed afresh
-    without a scope."""
-    cached, stamp = _ROWS.get(weight), (weight._version, weight.data_ptr())
-    if scope is None or cached is None or cached[0] is not scope or cached[1] != stamp:
+    rows (C, KH, KW·O), kw reversed. kept: a mapping weight -> rows shared by the calls of one
+    forward pass and its backward (spiking_layers._Pass), so that the rows are made once a pass
+    and the next pass sees the weight as it is then, however it was changed (through .data too);
+    None: made afresh (a layer called on its own)."""
+    rows = None if kept is None else kept.get(weight)
+    if rows is None:
         rows = (_linear_rows if weight.dim() == 2 else _conv_rows)(weight.detach())
-        if scope is None:
-            return rows
-        cached = _ROWS[weight] = (scope, stamp, rows)
-    return cached[2]
+        if kept is not None:
+            kept[weight] = rows
+    return rows
 
 
 def _linear_rows(w):
@@ -256,15 +252,15 @@ def _rows_of_images(x):
     return x.reshape(x.shape[0], x.shape[1], -1).numpy()
 
 
-def current(layer, q, s, weight, scope, split):
+def current(layer, q, s, weight, kept, split):
     """layer(q · s) on events. q: (..., C, H, W) or (..., I) int8 spikes; returns (N, O, OH, OW)
     channels-last, or (N, O)."""
     if isinstance(layer, nn.Linear):
         x = q.reshape(-1, q.shape[-1])
         out = weight.new_empty(x.shape[0], weight.shape[0])
-        split(_linear_forward, x.shape[0], x.numpy(), _rows(weight, scope).numpy(), out.numpy(), grain=8)
+        split(_linear_forward, x.shape[0], x.numpy(), _rows(weight, kept).numpy(), out.numpy(), grain=8)
         return _scaled(out, s)
-    rows = _rows(weight, scope)
+    rows = _rows(weight, kept)
     x, pad, o, kernel = _images(q), layer.padding[0], weight.shape[0], weight.shape[2]
     out = torch.empty(x.shape[0], o, *(n + 2 * pad - kernel + 1 for n in x.shape[1:3]), dtype=weight.dtype,
                       memory_format=torch.channels_last)
@@ -294,16 +290,16 @@ def weight_grad(layer, q, s, weight, grad_current, split):
     return _scaled(_conv_weight(rows, weight.shape), s)
 
 
-def input_grad(layer, q, weight, grad_current, scope, split):
+def input_grad(layer, q, weight, grad_current, kept, split):
     """∂L/∂s where the input q (int8, (..., C, H, W) or (..., I)) fired, 0 elsewhere: what a neuron
     layer's backward reads of it. Returns (N, C, H, W) channels-last, or (N, I)."""
     if isinstance(layer, nn.Linear):
         x, g = q.reshape(-1, q.shape[-1]), grad_current.reshape(-1, weight.shape[0]).contiguous()
         out = g.new_empty(x.shape)
-        split(_linear_input_grad, x.shape[0], x.numpy(), g.numpy(), _rows(weight, scope).to(g.dtype).numpy(),
+        split(_linear_input_grad, x.shape[0], x.numpy(), g.numpy(), _rows(weight, kept).to(g.dtype).numpy(),
               out.numpy(), _zero(g), grain=8)
         return out
-    rows = _rows(weight, scope).to(grad_current.dtype)
+    rows = _rows(weight, kept).to(grad_current.dtype)
     x, g = _images(q), _rows_of_images(grad_current)
     out = torch.empty(x.shape[0], x.shape[3], *x.shape[1:3], dtype=grad_current.dtype,
                       memory_format=torch.channels_last)

@@ -61,14 +61,16 @@ def _cases(kernels, device, dtype):
         yield _differs("unpack", *(impl.unpack(p[0], p[1], dtype) for impl, p in zip((kernels, tensor_ops), packed)))
     images = spikes.view(STEPS * 16, 16, 4, 4)
     yield _differs("pool2x2", *(impl.pool2x2(images) for impl in (kernels, tensor_ops)))
-    yield _differs("unpool2x2", *(impl.unpool2x2(images) for impl in (kernels, tensor_ops)))
+    for size in ((8, 8), (9, 9)):  # an odd size: the row and column the pooling dropped get 0
+        yield _differs("unpool2x2", *(impl.unpool2x2(images, size) for impl in (kernels, tensor_ops)))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # an asynchronous launch error surfaces here, still inside the check
 
 
 def _differs(what, ours, theirs):
     """None if every tensor of `ours` equals its twin in `theirs` (floats within float32 rounding:
-    a GPU may fuse a multiply and an add), else a line saying what differs."""
+    this checks that the kernels work here; their last bits are tests/test_engine.py's), else a
+    line saying what differs."""
     for a, b in zip(_tensors(ours), _tensors(theirs)):
         a, b = a.double().cpu(), b.double().cpu()
         if a.shape != b.shape or not torch.allclose(a, b, rtol=1e-5, atol=1e-6):

@@ -166,6 +166,11 @@ _PLANS = {
                              _block('cnn51', 'cnn52', None, 2), ('fc', 'fc0'), ('out', 'fc1')],
     'resnet7': _RES_STEM + [('fc', 'fc0'), ('out', 'fc1')],
     'stack3': [_conv('conv'), ('pool',), ('out', 'fc')],
+    # a user's own: residuals that add two layers' spikes (SEW-ResNet's ADD, values 0, 1, 2) into a
+    # convolution and a Linear layer; odd maps into 2×2 pooling (11×9 -> 5×4 -> 2×2)
+    'sew': [_conv('conv'), ('sew', 'conv', 'res1', 'res2'), _conv('mix'), ('pool',), ('fc', 'fc0'),
+            ('sew', 'fc', 'fc1', 'fc2'), ('out', 'fc3')],
+    'odd': [_conv('conv'), ('pool',), _conv('conv2'), ('pool',), ('out', 'fc')],
 }
 
 
@@ -177,6 +182,8 @@ def _neuron_names(plan):
             lif.append(op[1])
         elif op[0] == 'block':
             lif += [op[1], op[2]]
+        elif op[0] == 'sew':
+            lif += [op[2], op[3]]
         elif op[0] == 'pool':
             pools.append(f'pool{len(pools) + 1}')
     return lif, pools
@@ -213,6 +220,10 @@ def reference_forward(arch, weights, spike_seq, leak=0.99, masks=None, record=No
                 x = lif[op[1]].step(F.linear(x.flatten(1), w(op[1])))
             elif kind == 'out':
                 out.step(F.linear(x.flatten(1), w(op[1])))
+            elif kind == 'sew':                  # x + the spikes of two layers after it: 0, 1, 2
+                _, layer, c1, c2 = op
+                apply = conv if layer == 'conv' else lambda x, name: F.linear(x, w(name))
+                x = x + lif[c2].step(apply(lif[c1].step(apply(x, c1)), c2))
             else:                            # residual block: shortcut current enters the 2nd conv
                 _, c1, c2, sc, stride = op
                 h = lif[c1].step(conv(x, c1))

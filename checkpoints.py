@@ -212,6 +212,9 @@ def read_checkpoint(path):
     except OSError as e:
         raise SystemExit(f"error: --resume {path} cannot be read ({e.strerror or e})")
     except Exception as e:
+        if str(path).lower().endswith(".nir"):  # named as one, but a NIR file is HDF5 (read by content)
+            raise SystemExit(f"error: --resume {path} is not a NIR file (NIR files are HDF5), nor a checkpoint "
+                             f"torch can load ({first_line(e)})")
         raise SystemExit(f"error: --resume {path}: corrupt, truncated, or not loadable with weights_only=True "
                          f"({first_line(e)})")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None

@@ -289,7 +289,9 @@ def test_evaluating_without_resume_says_the_weights_are_untrained(tmp_path, caps
         "--synthetic", "--time-steps", "2", "--limit-val", "16", "--test-batch-size", "16", "-j", "0", "--device",
         "cpu", "--no-progress", "-e", "--stats", "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err.splitlines()
-    assert err == ["WARNING: --evaluate without --resume evaluates untrained weights (as initialised); add --resume "
-                   "PATH to evaluate a trained network"]
+    assert err[0] == "WARNING: --evaluate without --resume evaluates untrained weights (as initialised); add " \
+        "--resume PATH to evaluate a trained network"
+    # at T = 2 a fresh LeNet's outputs stay 0: that is said too (test_safety.py)
+    assert err[1:] == [] or err[1].startswith("WARNING: the network gave no answer")
     st = json.loads((tmp_path / "stats_mnist1" / "stats.json").read_text())
     assert st["untrained"] is True and st["checkpoint"] is None

@@ -597,7 +597,7 @@ def check_dirs(args):
 def _usable_dir(flag, path, write):
     st, why = paths.look(path)
     if st is not None and not stat.S_ISDIR(st.st_mode):
-        raise SystemExit(f"error: {flag} {path} is {paths.kind(st.st_mode)}, not a directory")
+        raise SystemExit(f"error: {flag} {path} is not a directory (it is {paths.kind(st.st_mode)})")
     if st is None and not why.startswith("no such file") and "link to nothing" not in why:
         raise SystemExit(f"error: {flag} {path} {why}")
     try:

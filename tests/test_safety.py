@@ -281,7 +281,13 @@ def test_an_unreadable_file_inside_the_data_is_one_line(tmp_path, tiny, monkeypa
 def test_an_unreadable_checkpoint_is_one_line(tmp_path, tiny, monkeypatch):
     ckpt = tmp_path / "c.pth.tar"
     lenet_checkpoint(ckpt)
-    real_open = builtins.open
+    real_stat, real_open = os.stat, builtins.open
+    # a folder on its path that may not be searched: the file cannot even be looked at (not "no such file")
+    monkeypatch.setattr(os, "stat", lambda p, *a, **k: refuse(ckpt)() if str(p) == str(ckpt)
+                        else real_stat(p, *a, **k))
+    code, message = exit_message(LENET, [*tiny, "--evaluate", "--resume", ckpt])
+    assert code == 1 and message == f"error: --resume {ckpt} cannot be read (Permission denied)"
+    monkeypatch.setattr(os, "stat", real_stat)  # a file that may be looked at, not read
     monkeypatch.setattr(builtins, "open", lambda p, *a, **k: refuse(ckpt)() if str(p) == str(ckpt)
                         else real_open(p, *a, **k))
     code, message = exit_message(LENET, [*tiny, "--evaluate", "--resume", ckpt])

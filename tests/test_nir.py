@@ -160,7 +160,8 @@ def test_shipped_lenet_predicts_the_same_in_snntorch(fashion_mnist, tmp_path):
     from mnist_LeNet import DEFAULTS, LeNet
     path = str(tmp_path / "lenet.nir")
     net = utils.main(LeNet, DEFAULTS, ("mnist", "fashion-mnist"),
-                     argv=["--resume", PRETRAINED, "--export-nir", path, "--dataset", "fashion-mnist"]).eval()
+                     argv=["--resume", PRETRAINED, "--export-nir", path, "--dataset", "fashion-mnist",
+                           "--time-steps", "100"]).eval()  # T = 20 (the checkpoint's) unless given
     torch.manual_seed(0)
     spike_seq = net.encode(fashion_mnist_test_images(fashion_mnist, 256))  # (100, 256, 1, 28, 28)
     with torch.no_grad():

@@ -321,7 +321,7 @@ def restore_training(ckpt, net, optimizer, scheduler, args, given=()):
         raise SystemExit(f"error: --resume {args.resume}: its optimizer state does not fit ({first_line(e)})")
     apply_optimizer_flags(optimizer, scheduler, start_epoch, "scheduler" in ckpt, args, given)
     held_seed = ckpt.get("args", {}).get("seed")
-    if "seed" in given:  # applied: the random streams start from it, as seeded, not from the saved state
+    if "seed" in given and args.seed != held_seed:  # applied: the streams start from it, not from the saved state
         if "rng_cpu" in ckpt:
             log(args, f"=> note: --seed {args.seed} replaces the random state saved in {args.resume} (seed "
                 f"{held_seed}): the spikes and dropout masks from here on differ from an exact resume")

@@ -176,6 +176,13 @@ def test_seed_on_a_resume_is_applied_and_recorded(tmp_path, tiny, capsys):
     run_main(LENET, [*tiny, "--resume", ckpt, "--epochs", "2", "--seed", "456", "--out-dir", tmp_path / "b"])
     a, b = (torch.load(tmp_path / d / CKPT, weights_only=True)["rng_cpu"] for d in "ab")
     assert not torch.equal(a, b)
+    # the checkpoint's own seed given again changes nothing: the resume stays exact
+    capsys.readouterr()
+    run_main(LENET, [*tiny, "--resume", ckpt, "--epochs", "2", "--seed", "7", "--out-dir", tmp_path / "c"])
+    run_main(LENET, [*tiny, "--resume", ckpt, "--epochs", "2", "--out-dir", tmp_path / "d"])
+    assert "replaces the random state" not in capsys.readouterr().out
+    c, d = (torch.load(tmp_path / x / CKPT, weights_only=True)["rng_cpu"] for x in "cd")
+    assert torch.equal(c, d)
 
 
 def test_resuming_on_another_dataset_starts_the_best_afresh(tmp_path, tiny, capsys):

@@ -21,6 +21,8 @@ import tempfile
 import torch
 from tqdm import tqdm
 
+import paths
+
 
 # ----------------------------------------------------------------------------------------------
 # Checkpoints
@@ -141,21 +143,29 @@ _UMASK = _umask()
 # ----------------------------------------------------------------------------------------------
 # Loading and resuming
 
-NOT_A_FILE = {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISFIFO: "a named pipe",
-              stat.S_ISSOCK: "a socket"}
-
-
-def check_checkpoint_file(path):
-    """--resume PATH must name a file: never train from scratch instead, as the authors' scripts did."""
-    if os.path.isdir(path):
-        raise SystemExit(f"error: --resume {path} is a directory, not a checkpoint file: name the file (its "
+def check_checkpoint_file(path, flag="--resume"):
+    """--resume PATH must name a regular file: never train from scratch instead, as the authors' scripts did."""
+    st, why = paths.look(path)
+    if st is None:
+        raise SystemExit(f"error: {flag} {path}: {why}" if why.startswith("no such") else f"error: {flag} {path} {why}")
+    if stat.S_ISDIR(st.st_mode):
+        raise SystemExit(f"error: {flag} {path} is a directory, not a checkpoint file: name the file (its "
                          f"own is checkpointT1_<tag>.pth.tar), or use --out-dir {path} --resume auto")
-    if not os.path.exists(path):
-        raise SystemExit(f"error: --resume {path}: no such file")
-    if not os.path.isfile(path):
-        mode = os.stat(path).st_mode
-        kind = next((name for test, name in NOT_A_FILE.items() if test(mode)), "not a regular file")
-        raise SystemExit(f"error: --resume {path} is {kind}, not a checkpoint file")
+    if not stat.S_ISREG(st.st_mode):
+        raise SystemExit(f"error: {flag} {path} is {paths.kind(st.st_mode)}, not a checkpoint file")
+    try:
+        with open(path, "rb") as f:
+            return f.read(8)  # the first bytes tell a NIR file (HDF5) from a torch checkpoint
+    except OSError as e:
+        raise SystemExit(f"error: {flag} {path} cannot be read ({e.strerror or e})")
+
+
+HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+
+
+def is_nir_file(path):
+    """A NIR file is HDF5, whatever its name (.nir, .NIR, .h5, or none)."""
+    return check_checkpoint_file(path) == HDF5_MAGIC
 
 
 def _number(v):
@@ -223,9 +233,9 @@ def _py2_opcodes_as_py3(path):
     return bytes(out + data[copied:])
 
 
-def load_checkpoint(path, net):
-    """Load weights into `net` from one of ours or an authors' release (legacy serialization, a full
-    dict or a bare state_dict, DataParallel's `module.` prefix). Returns the dict, {} if bare."""
+def read_checkpoint(path):
+    """The dict of one of ours or an authors' release (legacy serialization, a full dict or a bare
+    state_dict), its metadata checked; one line (SystemExit) for anything else."""
     check_checkpoint_file(path)
     try:
         try:
@@ -237,6 +247,9 @@ def load_checkpoint(path, net):
     except OSError as e:
         raise SystemExit(f"error: --resume {path} cannot be read ({e.strerror or e})")
     except Exception as e:
+        if str(path).lower().endswith(".nir"):  # named as one, but a NIR file is HDF5 (read by content)
+            raise SystemExit(f"error: --resume {path} is not a NIR file (NIR files are HDF5), nor a checkpoint "
+                             f"torch can load ({first_line(e)})")
         raise SystemExit(f"error: --resume {path}: corrupt, truncated, or not loadable with weights_only=True "
                          f"({first_line(e)})")
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
@@ -244,7 +257,20 @@ def load_checkpoint(path, net):
         raise SystemExit(f"error: --resume {path}: holds no state_dict of tensors")
     if "state_dict" in ckpt:
         check_metadata(ckpt, path)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    return ckpt
+
+
+def _unwrapped(name):
+    """A weight's name without the prefixes of DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`)."""
+    while name.startswith(("module.", "_orig_mod.")):
+        name = name.removeprefix("module.").removeprefix("_orig_mod.")
+    return name
+
+
+def load_checkpoint(path, net, ckpt=None):
+    """Load weights into `net` from `ckpt` (read_checkpoint(path) if None). Returns the dict, {} if bare."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    state = {_unwrapped(k): v for k, v in ckpt.get("state_dict", ckpt).items()}
     own = net.state_dict()
     problems = {"missing": sorted(own.keys() - state.keys()), "unexpected": sorted(state.keys() - own.keys()),
                 "shape": [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
@@ -276,6 +302,58 @@ def _other_width(state, own):
         all(v.shape == own[k].shape for k, v in state.items() if k != last)
 
 
+# What the network's settings in a checkpoint's args must be: its flag, and the values the flag takes
+NETWORK_SETTINGS = {
+    "time_steps": ("--time-steps", lambda v: type(v) is int and v >= 1),
+    "leak": ("--leak", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1),
+    "dropout": ("--dropout", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1),
+}
+
+
+def resume_settings(path):
+    """(the checkpoint's dict, or None for a NIR file; the network settings it holds). A NIR file is
+    recognised by its content (HDF5); its T and λ are its metadata's and its neurons'."""
+    if is_nir_file(path):
+        import nir_exchange  # here only: nir and h5py load for NIR files alone
+        return None, nir_exchange.file_settings(path)
+    ckpt = read_checkpoint(path)
+    held = ckpt.get("args", {}) if "state_dict" in ckpt else {}
+    return ckpt, held
+
+
+def take_settings(held, args, given, path, refuse=(), why=""):
+    """What a checkpoint fixes, the checkpoint decides: its T, λ and dropout (`held`, its args) replace
+    the defaults. A flag given that differs is applied with one note (old → new), or, for the keys in
+    `refuse`, refused (`why`). args then holds what runs, and so does the next checkpoint."""
+    changed, taken = [], []
+    for key, (flag, ok) in NETWORK_SETTINGS.items():
+        if key not in held or held[key] is None:
+            continue
+        value, now = held[key], getattr(args, key)
+        if not ok(value):
+            raise SystemExit(f"error: --resume {path}: its args hold {key} = {value!r}, not a value of {flag}")
+        if value == now:
+            continue
+        if key in given and key in refuse:
+            raise SystemExit(f"error: {flag} {_plain(now)}: {path} holds {flag} {_plain(value)}; {why}")
+        if key in given:
+            changed.append(f"{flag} {_plain(value)} → {_plain(now)}")
+        else:
+            setattr(args, key, value)
+            taken.append(f"{flag} {_plain(value)}")
+    if taken:
+        log(args, f"=> {', '.join(taken)}: the checkpoint's, not the script's default")
+    if changed:
+        log(args, "=> note: the flags given replace the network settings the checkpoint was trained with: "
+            + ", ".join(changed))
+
+
+def other_dataset(held, args):
+    """The dataset the checkpoint was trained on, when it is not this run's; else None."""
+    trained_on, now = held.get("dataset"), getattr(args, "dataset", None)
+    return trained_on if isinstance(trained_on, str) and now is not None and trained_on != now else None
+
+
 def restore_training(ckpt, net, optimizer, scheduler, args, given=()):
     """Optimizer, LR schedule and RNG from `ckpt`; returns (start_epoch, best_prec1).
 
@@ -291,10 +369,17 @@ def restore_training(ckpt, net, optimizer, scheduler, args, given=()):
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         raise SystemExit(f"error: --resume {args.resume}: its optimizer state does not fit ({first_line(e)})")
     apply_optimizer_flags(optimizer, scheduler, start_epoch, "scheduler" in ckpt, args, given)
-    if "rng_cpu" in ckpt and not args.distributed:  # under torchrun, each rank keeps its own seed
+    held_seed = ckpt.get("args", {}).get("seed")
+    if "seed" in given and args.seed != held_seed:  # applied: the streams start from it, not from the saved state
+        if "rng_cpu" in ckpt:
+            log(args, f"=> note: --seed {args.seed} replaces the random state saved in {args.resume} (seed "
+                f"{held_seed}): the spikes and dropout masks from here on differ from an exact resume")
+    elif "rng_cpu" in ckpt and not args.distributed:  # under torchrun, each rank keeps its own seed
         torch.set_rng_state(ckpt["rng_cpu"])
         if ckpt.get("rng_cuda") is not None and torch.cuda.device_count() == len(ckpt["rng_cuda"]):
             torch.cuda.set_rng_state_all(list(ckpt["rng_cuda"]))
+        if type(held_seed) is int:  # the streams go on from that seed's: the next checkpoint says so
+            args.seed = held_seed
     return start_epoch, _number(ckpt.get("best_prec1", -math.inf))
 
 
@@ -436,27 +521,58 @@ class RunFiles:
     def claim(self, args):
         """Lock the out-dir for this tag, refuse to start over a previous run's files, and remove the temp
         files a killed save left. One line and exit 1 on a refusal."""
+        self._check_kinds()
         self._lock()
-        found = [p for p in self.own if os.path.exists(p)]
+        found = [p for p in self.own if os.path.lexists(p)]
         continues = not self.evaluates and (self.resumes_own or self._only_a_lost_epoch(args))
+        # the file resumed from is never deleted or replaced by the run it starts (but the checkpoint it continues)
+        inputs = [p for p in found if paths.same_file(p, args.resume) and not (continues and p == self.checkpoint)]
+        if inputs and (args.overwrite or self.evaluates or not continues):
+            raise SystemExit(f"error: --resume {args.resume} is this --out-dir's own {os.path.basename(inputs[0])}, "
+                             f"which this run would {'delete (--overwrite)' if args.overwrite else 'replace'}: "
+                             f"resume from a copy of it outside --out-dir {self.dir}, or choose another --out-dir")
         if found and not (continues or args.overwrite):
             names = ", ".join(os.path.relpath(p, self.dir) for p in found)
-            resume = f"continue it with --resume {self.checkpoint} (or --resume auto), " \
-                if self.checkpoint in found else ""
+            ways = ([f"continue it with --resume {self.checkpoint} (or --resume auto)"]
+                    if self.checkpoint in found else []) + ["start over with --overwrite (deletes them)",
+                                                            "choose another --out-dir"]
             raise SystemExit(f"error: --out-dir {self.dir} holds a previous "
-                             f"{'evaluation' if self.evaluates else 'run'}'s {names}: {resume}or start "
-                             f"over with --overwrite (deletes them), or choose another --out-dir")
+                             f"{'evaluation' if self.evaluates else 'run'}'s {names}: "
+                             f"{', '.join(ways[:-1])}, or {ways[-1]}")
         for target in self.own:  # atomic_write's names
             folder, name = os.path.split(target)
             for tmp in glob.glob(os.path.join(glob.escape(folder or "."), glob.escape(f".{name}.") + "*.tmp")):
                 os.unlink(tmp)
                 log(args, f"=> removed {tmp}, left by a save that was killed")
 
+    def _check_kinds(self):
+        """Every file this run would write or delete must be a regular file where it exists (and stats_<tag>
+        a directory): one line for a device, named pipe, socket, directory or link loop, --overwrite or not."""
+        lock = os.path.join(self.dir, f".lock_{self.tag}")
+        for path in self.own + [lock]:
+            st, why = paths.look(path)
+            if st is None and os.path.lexists(path) and "link to nothing" not in why:
+                raise SystemExit(f"error: --out-dir {self.dir}: {os.path.relpath(path, self.dir)} {why}")
+            if st is not None and not stat.S_ISREG(st.st_mode):
+                raise SystemExit(f"error: --out-dir {self.dir}: {os.path.relpath(path, self.dir)} is "
+                                 f"{paths.kind(st.st_mode)}, not a file this run may write or delete "
+                                 f"(--overwrite neither): move it, or choose another --out-dir")
+        if self.evaluates:
+            st, why = paths.look(self.stats_dir)
+            if (st is None and os.path.lexists(self.stats_dir)) or (st is not None and not stat.S_ISDIR(st.st_mode)):
+                what = why if st is None else f"is {paths.kind(st.st_mode)}, not a directory"
+                raise SystemExit(f"error: --out-dir {self.dir}: stats_{self.tag} {what}: move it, or choose "
+                                 f"another --out-dir")
+
     def _lock(self):
         """flock on a descriptor held until release() or exit: the kernel drops it with the process, so a
         lock file left behind is harmless."""
         path = os.path.join(self.dir, f".lock_{self.tag}")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o666)
+        except OSError as e:
+            raise SystemExit(f"error: --out-dir {self.dir}: its lock file .lock_{self.tag} cannot be opened "
+                             f"({e.strerror or e})")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -486,12 +602,14 @@ class RunFiles:
         resume of this directory's own checkpoint (or --resume auto over a lost first epoch) drops the
         log rows after it."""
         if args.overwrite and (self.evaluates or not self.resumes_own):
-            found = [p for p in self.own if os.path.exists(p)]
+            found = [p for p in self.own if os.path.lexists(p)]
             for path in found:
                 os.unlink(path)
             if found:
                 log(args, f"=> --overwrite: deleted {', '.join(found)}")
         elif not self.evaluates:  # a fresh run that claim() let start has no log, or the row of a lost first epoch
+            if args.overwrite:  # never the checkpoint a run starts from (docs/checkpoints.md)
+                log(args, f"=> --overwrite deletes nothing: this run continues {self.checkpoint} (--resume)")
             dropped = drop_csv_rows_after(self.log, start_epoch)
             if dropped:
                 log(args, f"=> dropped epoch {', '.join(dropped)} from {self.log}: it was killed before its "
@@ -516,16 +634,21 @@ def writes_files(args):
 
 def check_dirs(args):
     """--out-dir (when this run writes there) must be a directory, or creatable, and writable; --data-dir
-    (when a dataset is read) a directory, or creatable: a read-only one holding the dataset is fine."""
+    (when a dataset is read) a directory, or creatable, that this process can read: a read-only one
+    holding the dataset is fine."""
     if writes_files(args):
         _usable_dir("--out-dir", args.out_dir, write=True)
     if not args.synthetic:
         _usable_dir("--data-dir", args.data_dir, write=False)
+        paths.check_readable_dir("--data-dir", args.data_dir)
 
 
 def _usable_dir(flag, path, write):
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SystemExit(f"error: {flag} {path} is not a directory")
+    st, why = paths.look(path)
+    if st is not None and not stat.S_ISDIR(st.st_mode):
+        raise SystemExit(f"error: {flag} {path} is not a directory (it is {paths.kind(st.st_mode)})")
+    if st is None and not why.startswith("no such file") and "link to nothing" not in why:
+        raise SystemExit(f"error: {flag} {path} {why}")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:

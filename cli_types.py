@@ -29,6 +29,8 @@ SEED_LIMIT = 2 ** 63
 COUNT = _checked(int, lambda n: 1 <= n < SEED_LIMIT, "must be an integer ≥ 1 and below 2**63")
 NATURAL = _checked(int, lambda n: 0 <= n < SEED_LIMIT, "must be an integer ≥ 0 and below 2**63")
 SEED = _checked(int, lambda n: 0 <= n < SEED_LIMIT, "must be an integer from 0 to 2**63 - 1")
+# an empty path is no path: an unset $CKPT in a job script must not mean "no flag" (a fresh start)
+PATH = _checked(str, lambda s: s.strip() != "", "must name a path, not be empty or blank")
 
 
 def _list_problem(text):

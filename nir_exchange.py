@@ -33,14 +33,18 @@ import io
 import math
 import operator
 import os
+import stat
 
 import numpy as np
 import torch
 import torch.fx
 import torch.nn as nn
 
-from checkpoints import WriteError, atomic_write, load_checkpoint, log
 import data
+import nir_checks
+import paths
+from checkpoints import (HDF5_MAGIC, WriteError, atomic_write, load_checkpoint, log, resume_settings,
+                         take_settings)
 from spiking_layers import (Conv2d, Linear, PoolIF, SpikingConv2d, SpikingLinear, SpikingNetwork,
                             SpikingNeurons)
 
@@ -228,6 +232,11 @@ def on_off_spikes(spike_seq):
 def write(graph, path, overwrite=False):
     """nir.write through a temp file and a rename: never a half-written file. NIRError (one line) for
     an existing file (unless overwrite) or one that cannot be written."""
+    st, why = paths.look(path)
+    if st is not None and not stat.S_ISREG(st.st_mode):  # the rename would replace it, a device included
+        raise NIRError(f"{path} is {paths.kind(st.st_mode)}: only a regular file is ever replaced")
+    if st is None and "loop" in why:
+        raise NIRError(f"{path} {why}")
     if os.path.lexists(path) and not overwrite:
         raise NIRError(f"{path} exists: add --overwrite to replace it")
     buffer = io.BytesIO()  # h5py writes through a file that it can also read: build the file in memory
@@ -239,14 +248,24 @@ def write(graph, path, overwrite=False):
 
 
 def read(path):
-    """nir.read, with NIRError (one line) for a file that is missing or not a NIR graph."""
-    if not os.path.isfile(path):
-        raise NIRError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        if f.read(8) != b"\x89HDF\r\n\x1a\n":
-            raise NIRError(f"{path} is not a NIR file (NIR files are HDF5)")
+    """nir.read, with NIRError (one line) for a file that is missing or not a NIR graph, or one that
+    declares more than a network of this repository can be (nir_checks: before any array is read)."""
+    st, why = paths.look(path)
+    if st is None or not stat.S_ISREG(st.st_mode):
+        raise NIRError(f"{path}: {why}" if st is None and why.startswith("no such") else
+                       f"{path} {why}" if st is None else f"{path} is {paths.kind(st.st_mode)}, not a NIR file")
     try:
-        return _nir().read(path)
+        with open(path, "rb") as f:
+            magic = f.read(8)
+    except OSError as e:
+        raise NIRError(f"{path} cannot be read ({e.strerror or e})") from None
+    if magic != HDF5_MAGIC:
+        raise NIRError(f"{path} is not a NIR file (NIR files are HDF5)")
+    nir = _nir()
+    nir_checks.check_bounds(path, NIRError, {k.__name__ for k in vars(nir).values()
+                                             if isinstance(k, type) and issubclass(k, nir.NIRNode)} - {"NIRNode"})
+    try:
+        return nir.read(path)
     except Exception as e:  # h5py's, and nir's KeyError / AssertionError / ValueError on a foreign layout
         raise NIRError(f"{path} is not a NIR graph nir {_nir().version} can read ({type(e).__name__}: "
                        f"{str(e).splitlines()[0] if str(e) else 'unreadable'})") from None
@@ -296,9 +315,14 @@ def from_nir(graph, dt=None, time_steps=None):
     engine cannot run exactly."""
     nir = _nir()
     meta = dict(graph.metadata or {})
-    dt = float(dt if dt is not None else meta.get("dt", math.nan))
+    if dt is None and "dt" not in meta:
+        raise NIRError("the graph's metadata holds no dt, the Euler step its time constants are stated in")
+    dt = _scalar(dt if dt is not None else meta["dt"], "dt")
     if not math.isfinite(dt) or dt <= 0:
-        raise NIRError("the graph's metadata holds no dt (the Euler step of its time constants): pass dt=")
+        raise NIRError(f"the graph's dt is {dt:g}, not a positive Euler step (its time constants are in units of it)")
+    steps = _scalar(time_steps or meta.get("time_steps", 100), "time_steps")
+    if not (math.isfinite(steps) and steps == int(steps) and 1 <= steps < 2 ** 63):
+        raise NIRError(f"the graph's time_steps is {steps:g}, not a whole number of steps ≥ 1")
     kinds = (nir.Input, nir.Output, nir.Conv2d, nir.Linear, nir.Affine, nir.LIF, nir.IF, nir.LI, nir.AvgPool2d,
              nir.SumPool2d, nir.Flatten)
     for name, node in graph.nodes.items():
@@ -309,7 +333,11 @@ def from_nir(graph, dt=None, time_steps=None):
     users = {n: [b for a, b in graph.edges if a == n] for n in graph.nodes}
     inputs = [n for n, node in graph.nodes.items() if isinstance(node, nir.Input)]
     if len(inputs) != 1:
-        raise NIRError(f"the graph has {len(inputs)} Input nodes: this engine runs networks with one input")
+        fed = [u for n in inputs if n.startswith("input_") for u in users[n]]  # nir adds these for nodes without inputs
+        hint = f" (nir adds an Input node for a node without incoming edges: is an edge into {fed[0]!r} missing?)" \
+            if fed else ""
+        raise NIRError(f"the graph has {len(inputs)} Input nodes{': ' if inputs else ''}"
+                       f"{', '.join(map(repr, inputs))}; this engine runs networks with one input{hint}")
     for n in graph.nodes:
         if not isinstance(graph.nodes[n], (nir.Input, nir.LIF)) and len(sources[n]) != 1:
             raise NIRError(f"node {n!r} ({type(graph.nodes[n]).__name__}) has {len(sources[n])} inputs, not one")
@@ -358,13 +386,20 @@ def from_nir(graph, dt=None, time_steps=None):
                 raise NIRError(f"node {n!r} (Output) reads {sources[n][0]!r}, not an LI output integrator")
     if readout is None:
         raise NIRError("the graph has no LI node before its Output: this engine reads out an output integrator")
-    T = int(time_steps or meta.get("time_steps", 100))
-    net = NIRNetwork(program, inputs[0], readout, time_steps=T, leak=leak)
+    net = NIRNetwork(program, inputs[0], readout, time_steps=int(steps), leak=leak)
     for name, m in net_modules.items():
         _add(net, name, m)
     net.input_scale = float(meta.get("input_scale", 1.0))
     net.v_th = float(meta.get("readout_v_th", 1.0))
     return net
+
+
+def _scalar(value, name):
+    """A number from the metadata (h5py gives numpy scalars and arrays); NIRError for anything else."""
+    try:
+        return float(np.asarray(value, dtype=np.float64).reshape(()))
+    except (TypeError, ValueError):
+        raise NIRError(f"the graph's {name} is {str(value)[:40]!r}, not a number") from None
 
 
 def _topological(nodes, edges):
@@ -435,7 +470,11 @@ def _integrator_leak(node, name, dt):
 def _weight(node, name, on_off):
     """The node's weight as float32 (it must hold exactly), with [W, -W] ON/OFF input channels folded."""
     w = np.asarray(node.weight)
-    if not np.array_equal(w.astype(np.float32).astype(w.dtype), w) or not np.isfinite(w).all():
+    if w.dtype.kind not in "fiu":
+        raise NIRError(f"node {name!r} ({type(node).__name__}): weights of type {w.dtype}, not real numbers")
+    if not np.isfinite(w).all():
+        raise NIRError(f"node {name!r} ({type(node).__name__}): weights that are NaN or infinite")
+    if not np.array_equal(w.astype(np.float32).astype(w.dtype), w):
         raise NIRError(f"node {name!r} ({type(node).__name__}): weights that float32 does not hold exactly")
     bias = getattr(node, "bias", None)
     if bias is not None and np.any(np.asarray(bias) != 0):
@@ -519,14 +558,18 @@ def _add(net, path, module):
 # ----------------------------------------------------------------------------------------------
 # The scripts' --export-nir and --resume FILE.nir
 
-def export_checkpoint(Model, args):
+def export_checkpoint(Model, args, given=()):
     """--resume CKPT --export-nir PATH: the script's network with the checkpoint's weights, written to
-    PATH as NIR; no data is read. Returns the network."""
+    PATH as NIR; no data is read. T and λ are the checkpoint's (a --time-steps given replaces T, with a
+    note; a --leak that differs is refused: the file would describe another network). Returns the network."""
+    ckpt, held = resume_settings(args.resume)
+    take_settings(held, args, given, args.resume, refuse=("leak",),
+                  why="the file describes the network as trained: drop --leak")
     net = data.network(Model, args)  # --dataset's width and input scale
-    if args.resume.endswith(".nir"):
+    if ckpt is None:
         load_into(args.resume, net)
     else:
-        load_checkpoint(args.resume, net)
+        load_checkpoint(args.resume, net, ckpt)
     try:
         graph = to_nir(net, tuple(args.image_shape), on_off=args.nir_on_off)
         write(graph, args.export_nir, args.overwrite)
@@ -536,6 +579,17 @@ def export_checkpoint(Model, args):
     log(args, f"=> wrote {args.export_nir}: {type(net).__name__} as {len(graph.nodes)} NIR nodes ({kinds}), dt {DT:g}, "
         f"T {net.time_steps}, {'ON/OFF' if args.nir_on_off else 'signed'} input spikes")
     return net
+
+
+def file_settings(path):
+    """The network settings a NIR file holds, as a checkpoint's args would: T (its metadata's) and λ (its
+    output integrator's). One line (SystemExit) for a file that is not a graph this engine runs."""
+    try:
+        graph = read(path)
+        net = from_nir(graph)
+    except NIRError as e:
+        raise SystemExit(f"error: --resume {e}" if str(e).startswith(str(path)) else f"error: --resume {path}: {e}")
+    return dict(time_steps=int(net.time_steps), leak=float(net.leak))
 
 
 def load_into(path, net):
@@ -557,9 +611,11 @@ def load_into(path, net):
         _same_network(own, graph, arch)
         mine = dict(net.neuron_layers())
         for name, m in other.neuron_layers():
-            if (m.leak, m.v_th) != (mine[name].leak, mine[name].v_th):
-                raise NIRError(f"layer {name!r} has λ = {m.leak:g}, V_th = {m.v_th:g} in the file, and "
-                               f"{mine[name].leak:g}, {mine[name].v_th:g} here (--leak)")
+            if m.leak != mine[name].leak:
+                raise NIRError(f"layer {name!r} has λ = {m.leak:g} in the file, and {mine[name].leak:g} in {arch}")
+            if m.v_th != mine[name].v_th:
+                raise NIRError(f"layer {name!r} has the threshold V_th = {m.v_th:g} in the file, and "
+                               f"{mine[name].v_th:g} in {arch}")
         if other.input_scale != net.input_scale or other.leak != net.leak:
             raise NIRError(f"its input scale {other.input_scale:g} and output leak {other.leak:g} are "
                            f"{net.input_scale:g} and {net.leak:g} in {arch}")

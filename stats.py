@@ -130,7 +130,19 @@ class SpikeStats:
         snn_uj, ann_uj = synops * AC_PJ * 1e-6, macs * MAC_PJ * 1e-6
         energy = dict(ac_pj=AC_PJ, mac_pj=MAC_PJ, snn_uj=snn_uj, ann_uj=ann_uj,
                       ann_over_snn=ann_uj / snn_uj if snn_uj else None, source=ENERGY_SOURCE)
-        return dict(layers=layers, totals=totals, energy=energy, time_steps=T, samples=self.samples)
+        result = dict(layers=layers, totals=totals, energy=energy, time_steps=T, samples=self.samples)
+        if self.spikes and totals["spikes"] == 0:
+            mark_undefined(result, "no neuron spiked")
+        elif not snn_uj:
+            energy["undefined"] = "no synaptic operations"
+        return result
+
+
+def mark_undefined(result, why):
+    """The ratios of a network that computed nothing (no spike, or no answer) are undefined, not an
+    advantage: the synops per ANN MAC and ANN/SNN energy become None (null in stats.json), with `why`."""
+    result["totals"]["synops_per_ann_mac"] = None
+    result["energy"].update(ann_over_snn=None, undefined=why)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,9 +160,10 @@ def format_stats_table(stats):
             row += f"{l['synops']:>16,.0f}{l['ann_macs']:>15,}{l['synops'] / l['ann_macs']:>9.3f}"
         lines.append(row.rstrip())
     t, e = stats["totals"], stats["energy"]
-    lines.append(f"{'total':<12}{t['neurons']:>10,}{'':>24}{t['synops']:>16,.0f}{t['ann_macs']:>15,}"
-                 f"{t['synops_per_ann_mac']:>9.3f}")
-    saving = "n/a (no synaptic operations)" if e["ann_over_snn"] is None else f"{e['ann_over_snn']:.2f}x"
+    ratio = f"{'undefined':>10}" if t["synops_per_ann_mac"] is None else f"{t['synops_per_ann_mac']:>9.3f}"
+    lines.append(f"{'total':<12}{t['neurons']:>10,}{'':>24}{t['synops']:>16,.0f}{t['ann_macs']:>15,}{ratio}")
+    saving = f"undefined ({e.get('undefined', 'no synaptic operations')})" if e["ann_over_snn"] is None \
+        else f"{e['ann_over_snn']:.2f}x"
     lines.append(f"=> energy per sample: SNN {e['snn_uj']:.3f} uJ (synops × {e['ac_pj']} pJ), ANN {e['ann_uj']:.3f} "
                  f"uJ (MACs × {e['mac_pj']} pJ), ANN/SNN {saving}")
     lines.append(f"   ({e['source']}; arithmetic only: memory access and neuron updates are not counted)")

@@ -56,10 +56,13 @@ from tqdm import tqdm
 
 import data
 import stats
-from cli_types import COUNT, EPOCHS, NATURAL, SEED, STEPS, SeedAll as _SeedAll, finite as _finite
+from cli_types import COUNT, EPOCHS, NATURAL, PATH, SEED, STEPS, SeedAll as _SeedAll, finite as _finite
 from checkpoints import (NonFiniteError, RunFiles, WriteError, append_csv, check_checkpoint_file, check_dirs,
                          check_weights_finite, checkpoint_state, diverged, first_line, load_checkpoint, log,
-                         restore_training, save_checkpoint, set_lr_for_epoch, writes_files)
+                         other_dataset, restore_training, resume_settings, save_checkpoint, set_lr_for_epoch,
+                         take_settings, writes_files)
+from flags import cap_workers, check_flags_used
+from paths import check_output
 
 try:
     import spiking_kernels  # reads SPIKING_BACKEND
@@ -104,12 +107,12 @@ def get_parser(description, defaults, datasets=None):
       "a checkpoint (--resume overrides it)")
     a("-p", "--print-freq", type=COUNT, default=100, metavar="N", help="a status line every N mini-batches "
       "when the progress bar is off")
-    a("--resume", metavar="PATH", help="checkpoint to start from: ours, or the authors' releases. 'auto': "
+    a("--resume", type=PATH, metavar="PATH", help="checkpoint to start from: ours, or the authors' releases. 'auto': "
       "--out-dir's own checkpointT1_<tag>.pth.tar if there is one, else a fresh start (a command to re-run "
       "after preemption). Optimizer flags given on the command line replace the checkpoint's")
     a("--overwrite", action="store_true", help="start a run in an --out-dir that holds a previous run's files "
-      "of this script (checkpoints, log, curves; an evaluation's stats_<tag>/): they are deleted first; with "
-      "--export-nir, replace its file")
+      "of this script (checkpoints, log, curves; an evaluation's stats_<tag>/): they are deleted first, but never "
+      "the checkpoint this run resumes from; with --export-nir, replace its file (a regular file only)")
     a("-e", "--evaluate", action="store_true", help="evaluate on the test set and exit")
     a("-j", "--workers", type=NATURAL, default=2, metavar="N", help="data loading worker processes")
     a("--time-steps", type=COUNT, metavar="T", help="time steps per image, training and test")
@@ -119,7 +122,7 @@ def get_parser(description, defaults, datasets=None):
     a("--seed", type=SEED, action=_SeedAll, metavar="S", help="seed of every generator a run draws from, CPU and "
       "CUDA alike (+ rank under torchrun): initialisation, shuffling, Poisson spikes, dropout masks. Without it, "
       f"the authors' pair: torch %(default)s, CUDA {defaults['cuda_seed']}")
-    a("--data-dir", default="./data", metavar="DIR", help="torchvision datasets are read (or downloaded) here; "
+    a("--data-dir", type=PATH, default="./data", metavar="DIR", help="torchvision datasets are read (or downloaded) here; "
       "with --dataset folder, the folder of train/ and test/")
     a("--synthetic", action="store_true", help="deterministic random images of the dataset's shape and number "
       "of classes (torchvision FakeData), instead of the dataset: for smoke tests and CI; learns nothing")
@@ -134,7 +137,7 @@ def get_parser(description, defaults, datasets=None):
       "float32, as the paper computed")
     a("--deterministic", action="store_true", help="deterministic cuDNN and cuBLAS algorithms, for bit-identical "
       "reruns and resumes on one GPU (slower); without it cuDNN picks the fastest algorithm per shape")
-    a("--out-dir", default=".", metavar="DIR", help="checkpoints, the CSV log and plots go here, named by the "
+    a("--out-dir", type=PATH, default=".", metavar="DIR", help="checkpoints, the CSV log and plots go here, named by the "
       "script's tag")
     a("--no-progress", action="store_true", help="no tqdm bar (also off when stdout is not a terminal)")
     a("--dead-patience", type=COUNT, default=10, metavar="N", help="warn once a layer has been silent (below "
@@ -146,8 +149,9 @@ def get_parser(description, defaults, datasets=None):
     a("--time-sweep", type=STEPS, metavar="T1,T2", help="with --evaluate: Prec@1 read out after each of these "
       "numbers of time steps (increasing), in the same pass (table, stats.json, plot); a step beyond --time-steps "
       "raises --time-steps to it")
-    a("--export-nir", metavar="PATH", help="with --resume: write the network as a NIR graph (docs/nir.md) and "
-      "exit; needs no data. --resume also reads a .nir file")
+    a("--export-nir", type=PATH, metavar="PATH", help="with --resume: write the network as a NIR graph (docs/nir.md) "
+      "and exit; needs no data; never replaces what is not a regular file, nor the checkpoint itself. --resume also "
+      "reads a NIR file (recognised by its content)")
     a("--nir-on-off", action="store_true", help="with --export-nir: unsigned ON/OFF input channels (first-layer "
       "weights [W, -W]) for hardware that takes only positive events")
     # lr_steps as typed on the command line: --help shows "70,100,125" and argparse parses it
@@ -369,16 +373,32 @@ def validate(net, loader, args, device, time_sweep=()):
         raise ValueError(f"time-sweep steps must lie in 1..{net.time_steps} (the time steps), got {time_sweep}")
     net.eval()
     sweep = [f"prec1_at_{t}" for t in time_sweep]
-    meter = Meter(*sweep)
+    meter = Meter(*sweep, "tied")
     for images, target in tqdm(loader, desc="test", leave=False, disable=not show_progress(args)):
         images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
             output = net(images, readout_steps=tuple(time_sweep)).float()
-        sums = [batch_metrics(output[-1] if time_sweep else output, target)]
+        final = output[-1] if time_sweep else output
+        sums = [batch_metrics(final, target)]
         if time_sweep:  # (len(time_sweep) + 1, B, classes), the full window last
             sums.append(100.0 * top5_hits(output[:-1], target)[..., 0].sum(-1).double())
-        meter.update(len(target), **dict(zip([*METRICS, *sweep], torch.cat(sums).tolist())))
+        # no answer: the largest output is shared (all 0 from a silent network), and argmax picks the first class
+        top2 = final.topk(min(2, final.shape[1]), dim=1).values
+        sums.append(100.0 * (top2[:, 0] == top2[:, -1]).sum().double().view(1))
+        meter.update(len(target), **dict(zip([*METRICS, *sweep, "tied"], torch.cat(sums).tolist())))
     return meter.mean(args, device)
+
+
+def warn_unanswered(tied, args):
+    """A WARNING when the network gave no answer (its largest outputs tied, all 0 when silent) for every
+    test image, or for most: that Prec@1 counts the images of the first class, not what it learned."""
+    if tied < 50.0:
+        return
+    what = "every" if tied == 100.0 else f"{tied:.1f} % of the"
+    log(args, f"WARNING: the network gave no answer for {what} test image{'s' if tied < 100 else ''} (its largest "
+        f"outputs tie; all 0 when it is silent), and a tie counts as the first class: this Prec@1 is not a result. "
+        f"What usually helps: more time steps (--time-steps), or a checkpoint trained with these settings",
+        file=sys.stderr)
 
 
 def show_progress(args):
@@ -502,7 +522,9 @@ def evaluate_with_stats(net, loader, device, time_sweep=(), count_spikes=True, a
         if args.distributed:
             counter.gather()
         result = counter.summary()
-    result["accuracy"] = {k: metrics[k] for k in ("prec1", "prec5", "loss", "ce")}
+    result["accuracy"] = {k: metrics[k] for k in ("prec1", "prec5", "loss", "ce", "tied")}
+    if count_spikes and metrics["tied"] == 100.0:  # a network that never answered computes nothing worth a ratio
+        stats.mark_undefined(result, "the network never answered: every output tied")
     if steps:
         result["time_sweep"] = dict(steps=steps, prec1=[metrics[f"prec1_at_{t}"] for t in steps])
     return result
@@ -536,22 +558,25 @@ def main(Model, defaults, datasets=None, argv=None):
     parser = get_parser(sys.modules[Model.__module__].__doc__, defaults, datasets)
     args = parser.parse_args(argv)
     given = set(vars(parser.parse_args(argv, namespace=_Given())))
+    check_flags_used(parser, args, given)
     if (args.stats or args.time_sweep) and not args.evaluate:
         parser.error("--stats and --time-sweep measure an evaluation: add --evaluate (and --resume PATH)")
     processes(args)
     files = RunFiles(args)  # resolves --resume auto
-    if args.resume:
-        check_checkpoint_file(args.resume)
-    if args.nir_on_off and not args.export_nir:
-        parser.error("--nir-on-off is a form of --export-nir PATH: add it")
     if args.export_nir:  # like --evaluate, without data
         if not args.resume:
-            parser.error("--export-nir writes a trained network: add --resume CKPT")
+            parser.error(f"--resume auto: there is no {files.checkpoint} to export" if files.auto else
+                         "--export-nir writes a trained network: add --resume CKPT")
+        check_checkpoint_file(args.resume)
+        check_output("--export-nir", args.export_nir, args.overwrite, [("--resume", args.resume)])
         import nir_exchange  # here only: nir and h5py load for NIR files alone
-        return nir_exchange.export_checkpoint(Model, args)
+        return nir_exchange.export_checkpoint(Model, args, given)
+    if args.resume:
+        check_checkpoint_file(args.resume)
     if not args.evaluate and not args.resume and args.start_epoch >= args.epochs:
         parser.error(f"--start-epoch {args.start_epoch} leaves nothing to train with --epochs {args.epochs}")
     check_dirs(args)
+    cap_workers(args)
     sigterm = signal.signal(signal.SIGTERM, _terminate)
     try:
         if writes_files(args) and args.rank == 0:
@@ -570,6 +595,11 @@ def main(Model, defaults, datasets=None, argv=None):
         _last_words(args, f"{how} {where}; {files.saved()}")
     except (NonFiniteError, DeadLayerError, WriteError) as e:
         _last_words(args, f"error: {e}" + ("" if args.evaluate else f". Stopped; {files.saved()}"))
+    except OSError as e:  # a path the run reads or writes (data, out-dir, checkpoint): the path and the reason
+        if e.filename is None:
+            raise
+        _last_words(args, f"error: {e.filename}: {e.strerror or e}" + ("" if args.evaluate else
+                                                                        f"; {files.saved()}"))
     except RuntimeError as e:  # gloo's and NCCL's errors when another process of the job has ended
         if not args.distributed or not (isinstance(e, dist.DistError) or "gloo" in str(e)):
             raise
@@ -597,6 +627,9 @@ def run(Model, args, device, files=None, given=()):
     """Build, load (--resume), then evaluate or train; `files` as main() claimed them, `given` the flags
     on the command line."""
     files = files or RunFiles(args)
+    ckpt, held = resume_settings(args.resume) if args.resume else (None, {})
+    take_settings(held, args, given, args.resume, refuse=("leak",) if ckpt is None else (),
+                  why="a NIR file's neurons are its network's, and load as they are: drop --leak")
     if args.time_sweep and args.time_sweep[-1] > args.time_steps:  # the sweep reads out inside one window
         log(args, f"=> --time-sweep goes to {args.time_sweep[-1]} steps: evaluating with --time-steps "
             f"{args.time_sweep[-1]} instead of {args.time_steps}")
@@ -607,19 +640,23 @@ def run(Model, args, device, files=None, given=()):
     set_lr_for_epoch(optimizer, scheduler, args.start_epoch, args)
     start_epoch, best_prec1 = args.start_epoch, -math.inf
     if args.resume:
-        if args.resume.endswith(".nir"):  # a network described in NIR (docs/nir.md): its weights alone
+        if ckpt is None:  # a network described in NIR (docs/nir.md): its weights alone
             import nir_exchange
             ckpt = nir_exchange.load_into(args.resume, net)
         else:
-            ckpt = load_checkpoint(args.resume, net)
+            ckpt = load_checkpoint(args.resume, net, ckpt)
         done = f" (epoch {ckpt['epoch']}, best Prec@1 {float(ckpt['best_prec1']):.3f})" \
             if {"epoch", "best_prec1"} <= ckpt.keys() else ""
         log(args, f"=> loaded {args.resume}{done}")
-        trained_with = ckpt.get("args", {}).get("time_steps", args.time_steps)
-        if trained_with != args.time_steps:
-            log(args, f"=> note: trained with --time-steps {trained_with}, running with {args.time_steps}")
+        trained_on = other_dataset(held, args)
+        if trained_on and args.evaluate:
+            log(args, f"=> note: {args.resume} was trained on {trained_on}; evaluating on {args.dataset}")
         if not args.evaluate:
             start_epoch, best_prec1 = restore_training(ckpt, net, optimizer, scheduler, args, given)
+            if trained_on and best_prec1 > -math.inf:  # a Prec@1 on another test set beats nothing here
+                log(args, f"=> note: {args.resume} was trained on {trained_on}: its best Prec@1 {best_prec1:.3f} "
+                    f"is not one on {args.dataset}; the best model here is chosen afresh")
+                best_prec1 = -math.inf
             if files.resumes_own:
                 files.saved_epoch = start_epoch
             if start_epoch >= args.epochs:
@@ -636,6 +673,7 @@ def run(Model, args, device, files=None, given=()):
                 "add --resume PATH to evaluate a trained network", file=sys.stderr)
         result = evaluate_with_stats(net, val_loader, device, args.time_sweep or (), args.stats, args)
         log(args, "Test: " + fmt(result["accuracy"]))
+        warn_unanswered(result["accuracy"]["tied"], args)
         if writes_files(args) and args.rank == 0:
             result.update(checkpoint=args.resume, untrained=not args.resume)
             files.prepare(args)

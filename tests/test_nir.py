@@ -8,6 +8,7 @@ and each bad input of --export-nir and --resume FILE.nir, is one line.
 """
 import gzip
 import os
+import tracemalloc
 
 import h5py
 import numpy as np
@@ -20,6 +21,7 @@ import nirtorch
 import snntorch as snn
 from snntorch import import_nir as snntorch_import
 
+import nir_checks
 import nir_exchange
 import utils
 from conftest import NETWORKS, exit_message, network, run_main
@@ -158,7 +160,8 @@ def test_shipped_lenet_predicts_the_same_in_snntorch(fashion_mnist, tmp_path):
     from mnist_LeNet import DEFAULTS, LeNet
     path = str(tmp_path / "lenet.nir")
     net = utils.main(LeNet, DEFAULTS, ("mnist", "fashion-mnist"),
-                     argv=["--resume", PRETRAINED, "--export-nir", path, "--dataset", "fashion-mnist"]).eval()
+                     argv=["--resume", PRETRAINED, "--export-nir", path, "--dataset", "fashion-mnist",
+                           "--time-steps", "100"]).eval()  # T = 20 (the checkpoint's) unless given
     torch.manual_seed(0)
     spike_seq = net.encode(fashion_mnist_test_images(fashion_mnist, 256))  # (100, 256, 1, 28, 28)
     with torch.no_grad():
@@ -332,7 +335,7 @@ def test_export_nir_to_an_unwritable_path(checkpoint, tmp_path):
     assert code == 1 and "cannot write" in message, message
     assert sorted(os.listdir(tmp_path)) == ["file", "lenet.pth.tar"]  # no temp file left either
     code, message = exit_message("mnist_LeNet.py", ["--resume", checkpoint[0], "--export-nir", tmp_path, "--overwrite"])
-    assert code == 1 and "cannot write" in message, message  # a directory
+    assert code == 1 and "is a directory: a run writes regular files only" in message, message
     assert sorted(os.listdir(tmp_path)) == ["file", "lenet.pth.tar"]
 
 
@@ -366,3 +369,115 @@ def test_resume_from_a_nir_file_we_cannot_run(tmp_path, tiny, exported, what):
         path, phrase = exported("cifar10_VGG9.py")[1], "not a LeNet"
     code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)
     assert code == 1 and phrase in message, message
+
+
+# ----------------------------------------------------------------------------------------------
+# Untrusted files: bounded before any array is read, recognised by content, refused in lines that say why
+
+def lenet_file(path, edit=None):
+    """Our LeNet export at `path`; edit(h5py.File) then changes its HDF5 layout in place."""
+    nir_exchange.write(lenet_graph(), str(path))
+    if edit:
+        with h5py.File(path, "r+") as f:
+            edit(f)
+    return str(path)
+
+
+def _huge_weight(f):
+    del f["node/nodes/fc0/weight"]  # 40000² float32, declared in chunks and never written: a 6 GB array
+    f["node/nodes/fc0"].create_dataset("weight", shape=(40000, 40000), dtype="f4", chunks=(1000, 1000),
+                                       compression="gzip")
+
+
+def _many_nodes(f):
+    for i in range(nir_checks.MAX_NODES):
+        f["node/nodes"].create_group(f"extra{i}")["type"] = b"Input"
+
+
+def _unknown_type(f):
+    del f["node/nodes/cnn1/type"]
+    f["node/nodes/cnn1/type"] = b"Mystery"
+
+
+BEYOND = {"a weight beyond any of ours": (_huge_weight, "node/nodes/fc0/weight declares 40000×40000 numbers"),
+          "more nodes than any of ours": (_many_nodes, f"declares {nir_checks.MAX_NODES + 15} nodes"),
+          "a node type nir does not know": (_unknown_type, "node 'cnn1' has the type 'Mystery', not a NIR node kind")}
+
+
+@pytest.mark.parametrize("what", BEYOND)
+def test_a_file_beyond_our_networks_is_refused_before_its_arrays_are_read(what, tmp_path):
+    edit, phrase = BEYOND[what]
+    path = lenet_file(tmp_path / "x.nir", edit)
+    tracemalloc.start()
+    with pytest.raises(nir_exchange.NIRError) as e:
+        nir_exchange.read(path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert phrase in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert peak < 8 << 20  # a few MB of metadata; LeNet's own fc0 alone is 2 MB, the declared one 6 GB
+
+
+def test_every_array_of_our_largest_networks_is_within_the_bounds(tmp_path):
+    for script in ("cifar10_ResNet11.py", "svhn_ResNet.py"):
+        net = network(script, time_steps=2)[0]
+        path = str(tmp_path / f"{script}.nir")
+        nir_exchange.write(nir_exchange.to_nir(net, NETWORKS[script][2], on_off=True), path)
+        nir_exchange.read(path)  # no NIRError
+
+
+@pytest.mark.parametrize("name", ["lenet.NIR", "exported.pth.tar", "lenet"])
+def test_a_nir_file_is_recognised_by_its_content(name, checkpoint, tmp_path, tiny):
+    path = str(tmp_path / name)
+    run_main("mnist_LeNet.py", ["--resume", checkpoint[0], "--export-nir", path])
+    net = run_main("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)
+    assert all(torch.equal(v, checkpoint[1][k]) for k, v in net.state_dict().items())
+
+
+def _nan_weight(g):
+    w = g.nodes["fc1"].weight.copy()
+    w[0, 0] = np.nan
+    return _replace(g, "fc1", nir.Linear(weight=w))
+
+
+def _no_edge(g):
+    return nir.NIRGraph(nodes=g.nodes, edges=[e for e in g.edges if e != ("input", "cnn1")], metadata=g.metadata)
+
+
+def _dt(value):
+    def edit(g):
+        g.metadata["dt"] = value
+        return g
+    return edit
+
+
+SAYS = {"a NaN weight": (_nan_weight, "node 'fc1' (Linear): weights that are NaN or infinite"),
+        "a missing edge": (_no_edge, "is an edge into 'cnn1' missing?"),
+        "dt = 0": (_dt(0.0), "the graph's dt is 0, not a positive Euler step"),
+        "a dt that is no number": (_dt("soon"), "the graph's dt is 'soon', not a number"),
+        "a time_steps that is no count": (lambda g: _replace_meta(g, 2.5), "the graph's time_steps is 2.5, not a whole")}
+
+
+def _replace_meta(g, steps):
+    g.metadata["time_steps"] = steps
+    return g
+
+
+@pytest.mark.parametrize("what", SAYS)
+def test_a_bad_graph_is_named_for_what_is_wrong(what):
+    edit, phrase = SAYS[what]
+    with pytest.raises(nir_exchange.NIRError) as e:
+        nir_exchange.from_nir(edit(lenet_graph()))
+    assert phrase in str(e.value) and "dt=" not in str(e.value), str(e.value)
+
+
+def test_a_threshold_that_differs_is_named_not_blamed_on_leak(tmp_path, tiny):
+    g = _lif(lenet_graph(), "cnn1.lif", v_threshold=-g_ones("cnn1.lif"))
+    path = str(tmp_path / "x.nir")
+    nir_exchange.write(g, path)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)
+    assert code == 1 and "layer 'cnn1' has the threshold V_th = -1 in the file, and 1 in LeNet" in message
+    assert "--leak" not in message, message
+
+
+def g_ones(name):
+    return np.ones_like(lenet_graph().nodes[name].v_threshold)

@@ -35,10 +35,11 @@ def test_a_fresh_run_over_a_previous_one_is_refused_until_overwrite(tmp_path, ti
     code, message = exit_message(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path])
     assert code == 1 and message.startswith(f"error: --out-dir {tmp_path} holds a previous run's {', '.join(FILES)}")
     assert f"--resume {tmp_path}/checkpointT1_mnist1.pth.tar" in message and "--overwrite" in message
-    # a run from another checkpoint is a fresh run as well
+    # a run from another checkpoint is a fresh run as well, and one from the out-dir's model_best would replace it
     code, message = exit_message(LENET, [*tiny, "--epochs", "2", "--out-dir", tmp_path,
                                          "--resume", tmp_path / "model_bestT1_mnist1.pth.tar"])
-    assert code == 1 and "holds a previous run's" in message
+    assert code == 1 and "is this --out-dir's own model_bestT1_mnist1.pth.tar, which this run would replace" \
+        in message
     assert contents(tmp_path) == before
 
     run_main(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path, "--overwrite"])
@@ -128,7 +129,7 @@ def test_resume_auto_over_a_first_epoch_killed_before_its_checkpoint(tmp_path, t
     assert exit_message(LENET, auto) == (1, "interrupted in epoch 1; nothing was saved")
     monkeypatch.undo()
     code, message = exit_message(LENET, auto[:-2])  # without auto that log is a previous run's
-    assert code == 1 and "log_mnist1.csv: or start over with --overwrite" in message and "--resume" not in message
+    assert code == 1 and "log_mnist1.csv: start over with --overwrite (deletes them), or choose" in message and "--resume" not in message
     run_main(LENET, auto)
     assert [r["epoch"] for r in log_rows(tmp_path)] == ["1"] and (tmp_path / FILES[0]).exists()
 

@@ -289,7 +289,25 @@ def test_evaluating_without_resume_says_the_weights_are_untrained(tmp_path, caps
         "--synthetic", "--time-steps", "2", "--limit-val", "16", "--test-batch-size", "16", "-j", "0", "--device",
         "cpu", "--no-progress", "-e", "--stats", "--out-dir", str(tmp_path)])
     err = capsys.readouterr().err.splitlines()
-    assert err == ["WARNING: --evaluate without --resume evaluates untrained weights (as initialised); add --resume "
-                   "PATH to evaluate a trained network"]
+    assert err[0] == "WARNING: --evaluate without --resume evaluates untrained weights (as initialised); add " \
+        "--resume PATH to evaluate a trained network"
+    # at T = 2 a fresh LeNet's outputs stay 0: that is said too (test_safety.py)
+    assert err[1:] == [] or err[1].startswith("WARNING: the network gave no answer")
     st = json.loads((tmp_path / "stats_mnist1" / "stats.json").read_text())
     assert st["untrained"] is True and st["checkpoint"] is None
+
+
+def test_a_network_without_spikes_has_no_ratios(tmp_path):
+    """Input spikes alone give synops, so a network whose neurons never fire would show an energy
+    'advantage' of the ANN MACs over the first layer's synops: its ratios are undefined instead."""
+    net = ConvPoolFc(time_steps=4).eval()
+    with torch.no_grad():
+        net.conv.weight.copy_(-net.conv.weight.abs())  # no membrane ever rises: no spike anywhere
+    with torch.no_grad(), SpikeStats(net) as counter:
+        net(signed_spikes((4, 3, 2, 8, 8)).float().abs())
+    result = counter.summary()
+    assert result["layers"][0]["synops"] > 0 and result["totals"]["spikes"] == 0
+    assert result["energy"]["ann_over_snn"] is None and result["totals"]["synops_per_ann_mac"] is None
+    table = format_stats_table(result)
+    assert "ANN/SNN undefined (no neuron spiked)" in table and re.search(r"^total .* undefined$", table, re.M)
+    assert json.loads(open(write_stats_json(result, tmp_path)).read())["energy"]["undefined"] == "no neuron spiked"

@@ -307,6 +307,7 @@ NETWORK_SETTINGS = {
     "time_steps": ("--time-steps", lambda v: type(v) is int and v >= 1),
     "leak": ("--leak", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1),
     "dropout": ("--dropout", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1),
+    "dataset": ("--dataset", lambda v: isinstance(v, str)),  # one that fits the script's network: data.network
 }
 
 
@@ -322,14 +323,14 @@ def resume_settings(path):
 
 
 def take_settings(held, args, given, path, refuse=(), why=""):
-    """What a checkpoint fixes, the checkpoint decides: its T, λ and dropout (`held`, its args) replace
-    the defaults. A flag given that differs is applied with one note (old → new), or, for the keys in
+    """What a checkpoint fixes, the checkpoint decides: its T, λ, dropout and dataset (`held`, its args)
+    replace the defaults. A flag given that differs is applied with one note (old → new), or, for the keys in
     `refuse`, refused (`why`). args then holds what runs, and so does the next checkpoint."""
     changed, taken = [], []
     for key, (flag, ok) in NETWORK_SETTINGS.items():
         if key not in held or held[key] is None:
             continue
-        value, now = held[key], getattr(args, key)
+        value, now = held[key], getattr(args, key, None)
         if not ok(value):
             raise SystemExit(f"error: --resume {path}: its args hold {key} = {value!r}, not a value of {flag}")
         if value == now:
@@ -428,7 +429,7 @@ def apply_optimizer_flags(optimizer, scheduler, epoch, scheduled, args, given):
 
 
 def _plain(value):
-    return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}"
+    return ",".join(map(str, value)) if isinstance(value, tuple) else value if isinstance(value, str) else f"{value:g}"
 
 
 def set_lr_for_epoch(optimizer, scheduler, epoch, args):

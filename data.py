@@ -75,6 +75,11 @@ def classes(args):
 def network(Model, args, **kw):
     """The script's network for args.dataset: an output per class, and the dataset's input scale (the
     Poisson code belongs to how the dataset's images are turned into rates, not to the network)."""
+    shape = tuple(getattr(args, "image_shape", None) or ())  # the script's; a checkpoint's dataset may differ
+    if shape and args.dataset != FOLDER and (args.dataset not in DATASETS or DATASETS[args.dataset].shape != shape):
+        fits = ", ".join(n for n, d in DATASETS.items() if d.shape == shape)
+        raise SystemExit(f"error: --dataset {args.dataset} does not fit {Model.__name__}, which takes images of "
+                         f"shape {shape}: its datasets are {fits} and {FOLDER}")
     args.classes = classes(args)  # recorded in the checkpoint
     net = Model(time_steps=args.time_steps, leak=args.leak, dropout=args.dropout, classes=args.classes, **kw)
     net.input_scale = DATASETS[args.dataset].scale if args.dataset in DATASETS else 1.0

@@ -4,7 +4,7 @@
     (fc1: one output per class of --dataset)
 
 Train:     python mnist_LeNet.py --dataset fashion-mnist
-Evaluate:  python mnist_LeNet.py --dataset fashion-mnist --resume pretrained/lenet_fashion_T20.pth.tar --evaluate
+Evaluate:  python mnist_LeNet.py --dataset fashion-mnist --resume pretrained/lenet_fashion_T20.pth.tar --evaluate --time-steps 100
 Yours:     python mnist_LeNet.py --dataset folder --data-dir DIR      DIR/train/<class>/*.png, DIR/test/<class>/*.png
 """
 import utils  # first: it sets the process settings torch reads when it loads

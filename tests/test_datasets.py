@@ -95,17 +95,33 @@ def test_a_named_dataset_is_read_with_its_split_and_normalisation(name, split, m
 # ----------------------------------------------------------------------------------------------
 # A 100-class network
 
-def test_a_100_class_network_saves_resumes_and_refuses_another_width(tmp_path):
+def test_a_100_class_network_saves_resumes_and_refuses_another_width(tmp_path, capsys):
     flags = ["--dataset", "cifar100", "--synthetic", *few(tmp_path)]
     run_main("cifar10_VGG9.py", [*flags, "--epochs", "1"])
     last = tmp_path / "checkpointT1_cifar10_v9.pth.tar"
     net = run_main("cifar10_VGG9.py", [*flags, "--epochs", "2", "--resume", last])
     assert net.fc1.weight.shape == (100, 1024)
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 2
-    code, message = exit_message("cifar10_VGG9.py", ["--synthetic", *few(tmp_path), "--resume", last, "--evaluate"])
+    # without --dataset, the checkpoint's: what a checkpoint fixes, the checkpoint decides
+    capsys.readouterr()
+    net = run_main("cifar10_VGG9.py", ["--synthetic", *few(tmp_path), "--resume", last, "--evaluate"])
+    assert net.fc1.weight.shape == (100, 1024) and "--dataset cifar100" in capsys.readouterr().out
+    code, message = exit_message("cifar10_VGG9.py", ["--synthetic", *few(tmp_path), "--resume", last, "--evaluate",
+                                                      "--dataset", "cifar10"])
     assert code == 1 and message == (f"error: --resume {last} holds a VGG9 for 100 classes (trained with --dataset "
                                      f"cifar100), and this one has 10 outputs, one per class of its --dataset: give "
                                      f"the --dataset it was trained on")
+
+
+def test_a_checkpoints_dataset_that_does_not_fit_the_network_is_one_line(tmp_path):
+    run_main("mnist_LeNet.py", ["--dataset", "fashion-mnist", "--synthetic", "--epochs", "1", *few(tmp_path)])
+    path = tmp_path / "checkpointT1_mnist1.pth.tar"
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["args"]["dataset"] = ckpt["dataset"] = "svhn"
+    torch.save(ckpt, path)
+    code, message = exit_message("mnist_LeNet.py", ["--synthetic", *few(tmp_path), "--resume", path, "--evaluate"])
+    assert code == 1 and message == ("error: --dataset svhn does not fit LeNet, which takes images of shape "
+                                     "(1, 28, 28): its datasets are mnist, fashion-mnist and folder")
 
 
 # ----------------------------------------------------------------------------------------------

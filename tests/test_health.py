@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import checkpoints
-import utils
+import health
 from conftest import exit_message, run_main
 
 LENET = (("cnn1.weight", (20, 1, 5, 5)), ("cnn2.weight", (50, 20, 5, 5)), ("fc0.weight", (200, 2450)),
@@ -15,7 +15,7 @@ LENET = (("cnn1.weight", (20, 1, 5, 5)), ("cnn2.weight", (50, 20, 5, 5)), ("fc0.
 
 
 def monitor(patience=3, stop=False, amp=False):
-    return utils.HealthMonitor(types.SimpleNamespace(dead_patience=patience, stop_on_dead=stop, rank=0, lr=0.5,
+    return health.HealthMonitor(types.SimpleNamespace(dead_patience=patience, stop_on_dead=stop, rank=0, lr=0.5,
                                                      amp=amp))
 
 
@@ -58,13 +58,13 @@ def test_each_layer_is_reported_once_per_run(capsys):
 
 def test_stop_on_dead_raises_one_line(capsys):
     m = monitor(patience=1, stop=True)
-    with pytest.raises(utils.DeadLayerError) as e:
+    with pytest.raises(health.DeadLayerError) as e:
         m.check({"cnn1": 0.0, "output": 0.0}, epoch=0, batch=1)
     assert "layer cnn1" in str(e.value) and "--stop-on-dead" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_practically_silent_layer_warns_and_a_quiet_healthy_one_does_not(capsys):
-    """Below utils.QUIET_RATE (1e-3) a layer is practically silent; a healthy network's quietest layer
+    """Below health.QUIET_RATE (1e-3) a layer is practically silent; a healthy network's quietest layer
     fires 4× more or above (fresh VGG9 fc0 at T = 20: 4.4e-3; docs/training-health.md)."""
     m = monitor(patience=3)
     for batch in range(1, 10):
@@ -189,7 +189,7 @@ def test_a_practically_silent_network_warns_within_patience(quiet_lenet, tmp_pat
     (line,) = warnings(capsys)
     assert "layer fc0 has been practically silent" in line and "batch 3)" in line
     row, = csv.DictReader(open(tmp_path / "log_mnist1.csv"))
-    assert 0 < float(row["rate_fc0"]) < utils.QUIET_RATE  # never exactly silent: the old check missed it
+    assert 0 < float(row["rate_fc0"]) < health.QUIET_RATE  # never exactly silent: the old check missed it
 
     code, message = exit_message("mnist_LeNet.py", [
         "--resume", quiet_lenet, "--synthetic", "--time-steps", "8", "--limit-train", "64", "-b", "16",
@@ -208,7 +208,7 @@ def test_the_shipped_lenet_does_not_warn(tmp_path, capsys, fashion_mnist):
                                 "--no-progress", "--out-dir", tmp_path])
     assert warnings(capsys) == []
     row, = csv.DictReader(open(tmp_path / "log_mnist1.csv"))
-    assert min(float(v) for k, v in row.items() if k.startswith("rate_")) > 5 * utils.QUIET_RATE
+    assert min(float(v) for k, v in row.items() if k.startswith("rate_")) > 5 * health.QUIET_RATE
 
 
 def test_a_fresh_vgg9_at_T100_does_not_warn(tmp_path, capsys):
@@ -219,4 +219,4 @@ def test_a_fresh_vgg9_at_T100_does_not_warn(tmp_path, capsys):
                                  "-j", "0", "--device", "cpu", "--no-progress", "--out-dir", tmp_path])
     assert warnings(capsys) == []
     row, = csv.DictReader(open(tmp_path / "log_cifar10_v9.csv"))
-    assert min(float(v) for k, v in row.items() if k.startswith("rate_")) > 5 * utils.QUIET_RATE
+    assert min(float(v) for k, v in row.items() if k.startswith("rate_")) > 5 * health.QUIET_RATE

@@ -187,12 +187,23 @@ def test_seed_on_a_resume_is_applied_and_recorded(tmp_path, tiny, capsys):
 
 def test_resuming_on_another_dataset_starts_the_best_afresh(tmp_path, tiny, capsys):
     ckpt = tmp_path / "c.pth.tar"
-    lenet_checkpoint(ckpt, settings(dataset="fashion-mnist"), best_prec1=99.0)  # resumed on MNIST (the default)
+    lenet_checkpoint(ckpt, settings(dataset="fashion-mnist"), best_prec1=99.0)  # resumed on MNIST, given
     out = tmp_path / "run"
-    run_main(LENET, [*tiny, "--resume", ckpt, "--epochs", "2", "--out-dir", out])
+    run_main(LENET, [*tiny, "--resume", ckpt, "--epochs", "2", "--out-dir", out, "--dataset", "mnist"])
+    printed = capsys.readouterr().out
+    assert "--dataset fashion-mnist → mnist" in printed
     assert f"=> note: {ckpt} was trained on fashion-mnist: its best Prec@1 99.000 is not one on mnist; the best " \
-           f"model here is chosen afresh" in capsys.readouterr().out
+           f"model here is chosen afresh" in printed
     assert (out / BEST).exists() and torch.load(out / BEST, weights_only=True)["best_prec1"] < 99.0
+
+
+def test_without_dataset_a_resume_continues_on_the_checkpoints(tmp_path, tiny, capsys):
+    ckpt = tmp_path / "c.pth.tar"
+    lenet_checkpoint(ckpt, settings(dataset="fashion-mnist"), best_prec1=99.0)
+    run_main(LENET, [*tiny, "--resume", ckpt, "--epochs", "2", "--out-dir", tmp_path / "run"])
+    printed = capsys.readouterr().out
+    assert "--dataset fashion-mnist" in printed and "chosen afresh" not in printed
+    assert torch.load(tmp_path / "run" / CKPT, weights_only=True)["args"]["dataset"] == "fashion-mnist"
 
 
 def test_nir_export_records_the_checkpoints_t_and_leak(tmp_path, capsys):
@@ -258,6 +269,12 @@ def test_workers_are_capped_by_what_the_loader_can_use(tmp_path, tiny, capsys):
     flags = [*tiny[:tiny.index("-j")], *tiny[tiny.index("-j") + 2:]]
     run_main(LENET, [*flags, "--evaluate", "-j", "1000"])  # 16 images in one mini-batch of 16
     assert "=> note: -j 1000 lowered to 1: 1 mini-batch to load" in capsys.readouterr().out
+
+
+def test_an_evaluation_states_its_test_batch_not_a_training_step(tiny, capsys):
+    run_main(LENET, [*tiny, "--evaluate", "--test-batch-size", "8"])
+    printed = capsys.readouterr().out
+    assert "8 test images per batch" in printed and "training images" not in printed
 
 
 # ----------------------------------------------------------------------------------------------

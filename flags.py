@@ -12,8 +12,8 @@ from checkpoints import log
 # What each mode reads of the flags (dest names); a flag given that its mode does not read is refused
 EXPORT_READS = {"resume", "export_nir", "overwrite", "nir_on_off", "time_steps", "leak", "dataset", "device",
                 "no_progress", "out_dir"}
-TRAINING_ONLY = {"lr", "lr_steps", "momentum", "weight_decay", "epochs", "start_epoch", "dropout", "print_freq",
-                 "dead_patience", "stop_on_dead"}
+TRAINING_ONLY = {"batch_size", "limit_train", "lr", "lr_steps", "momentum", "weight_decay", "epochs", "start_epoch",
+                 "dropout", "print_freq", "dead_patience", "stop_on_dead"}
 
 
 def check_flags_used(parser, args, given):

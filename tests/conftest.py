@@ -99,6 +99,13 @@ def tiny():
 
 
 @pytest.fixture
+def tiny_eval(tiny):
+    """tiny for an evaluation, without the training flags it would refuse (-b, --limit-train)."""
+    drop = {i + d for i, f in enumerate(tiny) if f in ("-b", "--limit-train") for d in (0, 1)}
+    return [f for i, f in enumerate(tiny) if i not in drop]
+
+
+@pytest.fixture
 def offline():
     """Environment in which a torchvision download fails at once, even on a connected machine."""
     proxy = "http://127.0.0.1:9"  # nothing listens on the discard port

@@ -31,24 +31,24 @@ def authors_checkpoint(script, path, prefix="module.", **kw):
     # torch.cuda.FloatStorage, as a writer that did not normalise the storage type would have
     ("mnist_LeNet.py", "", {"arch": "r" * 300}),
     ("mnist_LeNet.py", "", {"storage_type": ("torch.cuda", "FloatStorage")})])
-def test_authors_release_as_pytorch_0_3_1_wrote_it_loads_and_evaluates(script, prefix, kw, tmp_path, tiny, capsys):
+def test_authors_release_as_pytorch_0_3_1_wrote_it_loads_and_evaluates(script, prefix, kw, tmp_path, tiny_eval, capsys):
     path = tmp_path / "model_best.pth.tar"
     weights = authors_checkpoint(script, path, prefix, **kw)
     raw = path.read_bytes()
     assert raw.startswith(b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19.")  # the magic number, LONG1
     assert b"ctorch._utils\n_rebuild_tensor\n" in raw and b"U\x06cuda:0" in raw and b"U\x0astate_dict" in raw
     assert b"(I140270000000000\nI140270000004096\n" in raw  # the parameters' ids, id(p): the text opcode INT
-    net = run_main(script, ["--resume", path, "--evaluate", *tiny])
+    net = run_main(script, ["--resume", path, "--evaluate", *tiny_eval])
     out = capsys.readouterr().out
     assert "(epoch 7, best Prec@1 90.100)" in out and "Test: Prec@1 " in out and " Prec@5 " in out
     assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
 
 
-def test_bare_state_dict_evaluates(tmp_path, tiny, capsys):
+def test_bare_state_dict_evaluates(tmp_path, tiny_eval, capsys):
     path = tmp_path / "bare.pth"
     net, _ = network("mnist_LeNet.py")
     torch.save(net.state_dict(), path)
-    run_main("mnist_LeNet.py", ["--resume", path, "-e", *tiny])
+    run_main("mnist_LeNet.py", ["--resume", path, "-e", *tiny_eval])
     assert "Test: Prec@1" in capsys.readouterr().out
 
 
@@ -106,9 +106,9 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # Bad checkpoints: one line, exit 1, never training from scratch
 
-def test_missing_checkpoint_from_the_shell(run_script, tmp_path, tiny, clean_error):
+def test_missing_checkpoint_from_the_shell(run_script, tmp_path, tiny_eval, clean_error):
     p = run_script("cifar10_ResNet11.py", "--resume", tmp_path / "model_bestT1_cifar10_r11.pth.tar", "--evaluate",
-                   *tiny)
+                   *tiny_eval)
     clean_error(p, "model_bestT1_cifar10_r11.pth.tar: no such file")
     assert "Prec@1" not in p.out
 
@@ -120,10 +120,10 @@ def test_missing_checkpoint_never_trains_from_scratch(tmp_path, tiny):
 
 
 @pytest.mark.parametrize("kind", ["directory", "device"])
-def test_resume_of_what_is_not_a_file_says_what_it_is(kind, tmp_path, tiny):
+def test_resume_of_what_is_not_a_file_says_what_it_is(kind, tmp_path, tiny_eval):
     path, what = (tmp_path, "is a directory, not a checkpoint file") if kind == "directory" else \
         ("/dev/null", "is a character device, not a checkpoint file")
-    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", *tiny])
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", *tiny_eval])
     assert code == 1 and message.startswith(f"error: --resume {path} {what}"), message
     if kind == "directory":
         assert f"--out-dir {path} --resume auto" in message
@@ -162,14 +162,14 @@ def test_checkpoint_metadata_of_the_authors_and_ours_passes(tmp_path):
     assert checkpoints.load_checkpoint(str(path), net)["epoch"] == 1
 
 
-def test_complex_tensors_are_neither_weights_nor_finite_by_default(tmp_path, tiny):
+def test_complex_tensors_are_neither_weights_nor_finite_by_default(tmp_path, tiny_eval):
     """A complex weight would lose its imaginary part on load; a NaN in either part is non-finite."""
     net = network("mnist_LeNet.py", time_steps=2)[0]
     state = net.state_dict()
     state["fc1.weight"] = torch.complex(state["fc1.weight"], torch.zeros_like(state["fc1.weight"]))
     path = tmp_path / "complex.pth.tar"
     torch.save({"epoch": 1, "best_prec1": 5.0, "state_dict": state}, path)
-    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", *tiny])
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", *tiny_eval])
     assert code == 1 and "is not a LeNet checkpoint: dtype fc1.weight torch.complex64" in message
     nan = torch.tensor([1 + 1j, complex(0, float("nan"))])
     assert checkpoints.non_finite({"w": nan, "v": torch.ones(2, dtype=torch.complex64)}) == ["w"]
@@ -202,39 +202,39 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, tiny)
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
 
 @pytest.mark.parametrize("damage", ["random bytes", "truncated", "empty"])
-def test_corrupt_checkpoint(damage, tmp_path, tiny):
+def test_corrupt_checkpoint(damage, tmp_path, tiny_eval):
     good, bad = tmp_path / "good.pth.tar", tmp_path / "bad.pth.tar"
     torch.save(network("mnist_LeNet.py")[0].state_dict(), good)
     data = {"random bytes": os.urandom(4096), "truncated": good.read_bytes()[:2000], "empty": b""}[damage]
     bad.write_bytes(data)
-    code, message = exit_message("mnist_LeNet.py", ["--resume", bad, "-e", *tiny])
+    code, message = exit_message("mnist_LeNet.py", ["--resume", bad, "-e", *tiny_eval])
     assert code == 1 and "corrupt, truncated, or not loadable" in message and "\n" not in message, message
 
 
-def test_checkpoint_of_another_architecture(tmp_path, tiny):
+def test_checkpoint_of_another_architecture(tmp_path, tiny_eval):
     path = tmp_path / "lenet.pth.tar"
     authors_checkpoint("mnist_LeNet.py", path)
-    code, message = exit_message("cifar10_VGG9.py", ["--resume", path, "-e", *tiny])
+    code, message = exit_message("cifar10_VGG9.py", ["--resume", path, "-e", *tiny_eval])
     assert code == 1 and "not a VGG9 checkpoint" in message and "\n" not in message
     assert "missing cnn11.weight" in message and "unexpected cnn1.weight" in message
     assert "fc0.weight (200, 2450) vs (1024, 4096)" in message
 
 
-def test_checkpoint_without_weights(tmp_path, tiny):
+def test_checkpoint_without_weights(tmp_path, tiny_eval):
     path = tmp_path / "stats.pth"
     torch.save({"epoch": 3, "best_prec1": 50.0}, path)
-    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", *tiny])
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", *tiny_eval])
     assert code == 1 and "no state_dict" in message
 
 
-def test_checkpoint_with_non_finite_weights(tmp_path, tiny):
+def test_checkpoint_with_non_finite_weights(tmp_path, tiny_eval):
     """It would evaluate without a word, and --stats would claim an energy advantage: one line instead."""
     path = tmp_path / "diverged.pth.tar"
     state = network("mnist_LeNet.py")[0].state_dict()
     state["fc0.weight"][3, 5], state["cnn2.weight"][0, 0, 0, 0] = float("nan"), float("inf")
     torch.save({"epoch": 4, "best_prec1": 10.0, "state_dict": state}, path)
     code, message = exit_message("mnist_LeNet.py", ["--resume", path, "-e", "--stats", "--out-dir", tmp_path / "s",
-                                                    *tiny])
+                                                    *tiny_eval])
     assert code == 1 and "NaN or inf (cnn2.weight, fc0.weight)" in message and "diverged" in message
     assert not (tmp_path / "s" / "stats.json").exists()
 

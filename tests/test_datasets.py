@@ -17,10 +17,10 @@ DEFAULT = {"mnist_LeNet.py": "mnist", "cifar10_VGG9.py": "cifar10", "cifar10_Res
 CLASSES = {"mnist": 10, "fashion-mnist": 10, "cifar10": 10, "cifar100": 100, "svhn": 10}
 
 
-def few(tmp_path):
+def few(tmp_path, train=True):
     """A handful of images, T = 2: one tiny epoch and its test pass take seconds."""
-    return ["--time-steps", "2", "--limit-train", "4", "--limit-val", "2", "-b", "4", "--test-batch-size", "2",
-            "-j", "0", "--device", "cpu", "--no-progress", "--out-dir", tmp_path]
+    return ["--time-steps", "2", *(["--limit-train", "4", "-b", "4"] if train else []), "--limit-val", "2",
+            "--test-batch-size", "2", "-j", "0", "--device", "cpu", "--no-progress", "--out-dir", tmp_path]
 
 
 # the paper's pairs (each script's default) train, resume and evaluate in test_scripts.py
@@ -104,10 +104,10 @@ def test_a_100_class_network_saves_resumes_and_refuses_another_width(tmp_path, c
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 2
     # without --dataset, the checkpoint's: what a checkpoint fixes, the checkpoint decides
     capsys.readouterr()
-    net = run_main("cifar10_VGG9.py", ["--synthetic", *few(tmp_path), "--resume", last, "--evaluate"])
+    net = run_main("cifar10_VGG9.py", ["--synthetic", *few(tmp_path, train=False), "--resume", last, "--evaluate"])
     assert net.fc1.weight.shape == (100, 1024) and "--dataset cifar100" in capsys.readouterr().out
-    code, message = exit_message("cifar10_VGG9.py", ["--synthetic", *few(tmp_path), "--resume", last, "--evaluate",
-                                                      "--dataset", "cifar10"])
+    code, message = exit_message("cifar10_VGG9.py", ["--synthetic", *few(tmp_path, train=False), "--resume", last,
+                                                      "--evaluate", "--dataset", "cifar10"])
     assert code == 1 and message == (f"error: --resume {last} holds a VGG9 for 100 classes (trained with --dataset "
                                      f"cifar100), and this one has 10 outputs, one per class of its --dataset: give "
                                      f"the --dataset it was trained on")
@@ -119,7 +119,8 @@ def test_a_checkpoints_dataset_that_does_not_fit_the_network_is_one_line(tmp_pat
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     ckpt["args"]["dataset"] = ckpt["dataset"] = "svhn"
     torch.save(ckpt, path)
-    code, message = exit_message("mnist_LeNet.py", ["--synthetic", *few(tmp_path), "--resume", path, "--evaluate"])
+    code, message = exit_message("mnist_LeNet.py", ["--synthetic", *few(tmp_path, train=False), "--resume", path,
+                                                    "--evaluate"])
     assert code == 1 and message == ("error: --dataset svhn does not fit LeNet, which takes images of shape "
                                      "(1, 28, 28): its datasets are mnist, fashion-mnist and folder")
 
@@ -202,7 +203,8 @@ def test_each_bad_folder_is_one_line(folder, damage, phrase, tmp_path):
 
 
 def test_synthetic_is_no_stand_in_for_a_folder(tmp_path):
-    code, message = exit_message("mnist_LeNet.py", ["--dataset", "folder", "--synthetic", "-e", *few(tmp_path)])
+    code, message = exit_message("mnist_LeNet.py", ["--dataset", "folder", "--synthetic", "-e",
+                                                    *few(tmp_path, train=False)])
     assert code == 1 and "--synthetic stands in for a named dataset" in message
 
 

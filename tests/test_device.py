@@ -47,8 +47,8 @@ def test_a_run_computes_in_ieee_float32_unless_tf32_is_asked_for(amp, torch_flag
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
 
 
-def test_tf32_and_deterministic_from_the_command_line(tiny, torch_flags):
-    run_main("mnist_LeNet.py", [*tiny, "--evaluate", "--tf32", "--deterministic"])
+def test_tf32_and_deterministic_from_the_command_line(tiny_eval, torch_flags):
+    run_main("mnist_LeNet.py", [*tiny_eval, "--evaluate", "--tf32", "--deterministic"])
     assert torch.backends.cudnn.allow_tf32 and torch.are_deterministic_algorithms_enabled()
 
 
@@ -166,8 +166,8 @@ def test_a_training_run_on_auto_here_says_why_and_how_long_its_epoch_takes(tiny,
 
 
 @needs_no_gpu
-def test_device_cuda_here_ends_in_one_line_with_the_reason(run_script, clean_error, tiny):
-    p = run_script("mnist_LeNet.py", *tiny, "--evaluate", "--device", "cuda")
+def test_device_cuda_here_ends_in_one_line_with_the_reason(run_script, clean_error, tiny_eval):
+    p = run_script("mnist_LeNet.py", *tiny_eval, "--evaluate", "--device", "cuda")
     clean_error(p, "error: --device cuda, but there is no usable CUDA GPU: ")
     assert "Prec@1" not in p.out
 
@@ -195,10 +195,10 @@ def test_a_gpu_the_build_has_kernels_for_passes(capability, archs, fake_gpu):
     utils.check_gpu_supported(torch.device("cuda", 0))
 
 
-def test_a_gpu_the_build_has_no_kernels_for_is_one_line_naming_the_fix(fake_gpu, monkeypatch, tiny):
+def test_a_gpu_the_build_has_no_kernels_for_is_one_line_naming_the_fix(fake_gpu, monkeypatch, tiny_eval):
     fake_gpu("Tesla V100-SXM2-32GB", (7, 0))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    code, message = exit_message("mnist_LeNet.py", [*tiny, "--evaluate", "--device", "cuda"])
+    code, message = exit_message("mnist_LeNet.py", [*tiny_eval, "--evaluate", "--device", "cuda"])
     assert code == 1 and "Tesla V100-SXM2-32GB (sm_70) is not supported by this torch build" in message
     assert "sm_75" in message and "install a torch build with kernels for sm_70" in message
 
@@ -234,16 +234,16 @@ class _FailingLaunch:
         return launch
 
 
-def test_a_kernel_that_fails_at_its_first_launch_is_one_line(interpreted_triton, monkeypatch, tiny):
+def test_a_kernel_that_fails_at_its_first_launch_is_one_line(interpreted_triton, monkeypatch, tiny_eval):
     monkeypatch.setattr(triton_gpu, "_backprop_kernel", _FailingLaunch())
-    code, message = exit_message("mnist_LeNet.py", [*tiny, "--evaluate"])
+    code, message = exit_message("mnist_LeNet.py", [*tiny_eval, "--evaluate"])
     assert code == 1 and message.startswith("error: the triton kernels fail on the CPU: RuntimeError: PTX .version")
     assert "SPIKING_BACKEND=torch" in message and "long compiler log" not in message
 
 
-def test_a_kernel_that_computes_wrongly_is_one_line(interpreted_triton, monkeypatch, tiny):
+def test_a_kernel_that_computes_wrongly_is_one_line(interpreted_triton, monkeypatch, tiny_eval):
     monkeypatch.setattr(triton_gpu, "leaky_sum", lambda current, u, leak: u + 1)
-    code, message = exit_message("mnist_LeNet.py", [*tiny, "--evaluate"])
+    code, message = exit_message("mnist_LeNet.py", [*tiny_eval, "--evaluate"])
     assert code == 1 and "leaky_sum disagrees with the tensor operations" in message
     assert "SPIKING_BACKEND=torch" in message
 
@@ -272,9 +272,9 @@ def test_auto_on_cuda_without_triton_says_it_falls_back_to_tensor_ops(not_instal
     assert "SPIKING_BACKEND=auto falls back to tensor operations on cuda (No module named 'triton')" in note
 
 
-def test_the_fallback_note_is_printed_by_a_run(not_installed, tiny, capsys):
+def test_the_fallback_note_is_printed_by_a_run(not_installed, tiny_eval, capsys):
     not_installed("numba")
-    run_main("mnist_LeNet.py", [*tiny, "--evaluate"])
+    run_main("mnist_LeNet.py", [*tiny_eval, "--evaluate"])
     warnings = [s for s in capsys.readouterr().err.splitlines() if s.startswith("WARNING: SPIKING_BACKEND=auto")]
     assert len(warnings) == 1 and "falls back to tensor operations on cpu" in warnings[0]
 

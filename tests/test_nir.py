@@ -311,11 +311,11 @@ def test_every_script_exports_from_the_cli(script, tmp_path, capsys):
     assert "--export-nir PATH" in capsys.readouterr().out
 
 
-def test_export_nir_then_resume_from_it(checkpoint, tmp_path, tiny):
+def test_export_nir_then_resume_from_it(checkpoint, tmp_path, tiny, tiny_eval):
     path = str(tmp_path / "lenet.nir")
     run_main("mnist_LeNet.py", ["--resume", checkpoint[0], "--export-nir", path, "--nir-on-off"])
     assert nir.read(path).nodes["input"].input_type["input"][0] == 2  # ON and OFF
-    net = run_main("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)  # weights from the NIR file
+    net = run_main("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny_eval)  # weights from the NIR file
     assert all(torch.equal(v, checkpoint[1][k]) for k, v in net.state_dict().items())
     net = run_main("mnist_LeNet.py", ["--resume", path, "--epochs", "1", "--out-dir", tmp_path] + tiny)  # fine-tune
     assert os.path.exists(tmp_path / "checkpointT1_mnist1.pth.tar")
@@ -348,26 +348,26 @@ def test_export_nir_over_an_existing_file(checkpoint, tmp_path):
     assert type(nir.read(path).nodes["cnn1.lif"]).__name__ == "LIF"
 
 
-def test_resume_from_a_file_that_is_not_nir(tmp_path, tiny):
+def test_resume_from_a_file_that_is_not_nir(tmp_path, tiny_eval):
     path = tmp_path / "x.nir"
     path.write_bytes(b"not HDF5")
-    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny_eval)
     assert code == 1 and "is not a NIR file" in message, message
     with h5py.File(path, "w") as f:  # HDF5, but not NIR's layout
         f["x"] = 1
-    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny_eval)
     assert code == 1 and "is not a NIR graph" in message, message
 
 
 @pytest.mark.parametrize("what", ["a CubaLIF", "another network"])
-def test_resume_from_a_nir_file_we_cannot_run(tmp_path, tiny, exported, what):
+def test_resume_from_a_nir_file_we_cannot_run(tmp_path, tiny_eval, exported, what):
     path = str(tmp_path / "x.nir")
     if what == "a CubaLIF":
         nir_exchange.write(_cuba(lenet_graph()), path)
         phrase = "'cnn1.lif' (CubaLIF)"
     else:
         path, phrase = exported("cifar10_VGG9.py")[1], "not a LeNet"
-    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny_eval)
     assert code == 1 and phrase in message, message
 
 
@@ -426,10 +426,10 @@ def test_every_array_of_our_largest_networks_is_within_the_bounds(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["lenet.NIR", "exported.pth.tar", "lenet"])
-def test_a_nir_file_is_recognised_by_its_content(name, checkpoint, tmp_path, tiny):
+def test_a_nir_file_is_recognised_by_its_content(name, checkpoint, tmp_path, tiny_eval):
     path = str(tmp_path / name)
     run_main("mnist_LeNet.py", ["--resume", checkpoint[0], "--export-nir", path])
-    net = run_main("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)
+    net = run_main("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny_eval)
     assert all(torch.equal(v, checkpoint[1][k]) for k, v in net.state_dict().items())
 
 
@@ -470,11 +470,11 @@ def test_a_bad_graph_is_named_for_what_is_wrong(what):
     assert phrase in str(e.value) and "dt=" not in str(e.value), str(e.value)
 
 
-def test_a_threshold_that_differs_is_named_not_blamed_on_leak(tmp_path, tiny):
+def test_a_threshold_that_differs_is_named_not_blamed_on_leak(tmp_path, tiny_eval):
     g = _lif(lenet_graph(), "cnn1.lif", v_threshold=-g_ones("cnn1.lif"))
     path = str(tmp_path / "x.nir")
     nir_exchange.write(g, path)
-    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny)
+    code, message = exit_message("mnist_LeNet.py", ["--resume", path, "--evaluate"] + tiny_eval)
     assert code == 1 and "layer 'cnn1' has the threshold V_th = -1 in the file, and 1 in LeNet" in message
     assert "--leak" not in message, message
 

@@ -47,7 +47,7 @@ def test_a_fresh_run_over_a_previous_one_is_refused_until_overwrite(tmp_path, ti
     assert [r["epoch"] for r in log_rows(tmp_path)] == ["1"]  # the new run's rows alone
 
 
-def test_resume_auto_starts_continues_and_stops(tmp_path, tiny, capsys):
+def test_resume_auto_starts_continues_and_stops(tmp_path, tiny, tiny_eval, capsys):
     auto = [*tiny, "--resume", "auto", "--out-dir", tmp_path]
     run_main(LENET, [*auto, "--epochs", "1"])  # nothing to resume: a fresh start
     run_main(LENET, [*auto, "--epochs", "2"])
@@ -59,7 +59,7 @@ def test_resume_auto_starts_continues_and_stops(tmp_path, tiny, capsys):
     assert f"=> {checkpoint} holds 2 epochs, and --epochs is 2: nothing to train" in capsys.readouterr().out
     code, message = exit_message(LENET, [*tiny, "--resume", checkpoint, "--epochs", "2", "--out-dir", tmp_path])
     assert code == 1 and "nothing to train; raise --epochs" in message
-    code, message = exit_message(LENET, [*tiny, "--resume", "auto", "-e", "--out-dir", tmp_path / "empty"])
+    code, message = exit_message(LENET, [*tiny_eval, "--resume", "auto", "-e", "--out-dir", tmp_path / "empty"])
     assert code == 1 and "there is no" in message and "to evaluate" in message
 
 
@@ -134,7 +134,7 @@ def test_resume_auto_over_a_first_epoch_killed_before_its_checkpoint(tmp_path, t
     assert [r["epoch"] for r in log_rows(tmp_path)] == ["1"] and (tmp_path / FILES[0]).exists()
 
 
-def test_interrupted_evaluation_says_it_wrote_nothing(tmp_path, tiny, monkeypatch):
+def test_interrupted_evaluation_says_it_wrote_nothing(tmp_path, tiny_eval, monkeypatch):
     path = tmp_path / "bare.pth"
     torch.save(network(LENET, time_steps=2)[0].state_dict(), path)
 
@@ -142,18 +142,18 @@ def test_interrupted_evaluation_says_it_wrote_nothing(tmp_path, tiny, monkeypatc
         raise KeyboardInterrupt
 
     monkeypatch.setattr(utils, "validate", interrupted)
-    code, message = exit_message(LENET, [*tiny, "--resume", path, "-e", "--stats", "--out-dir", tmp_path / "s"])
+    code, message = exit_message(LENET, [*tiny_eval, "--resume", path, "-e", "--stats", "--out-dir", tmp_path / "s"])
     assert (code, message) == (1, "interrupted; the evaluation wrote nothing")
     assert not (tmp_path / "s" / "stats.json").exists()
 
 
-def test_every_file_carries_the_tag_and_the_lock_covers_the_evaluation_too(tmp_path, tiny):
+def test_every_file_carries_the_tag_and_the_lock_covers_the_evaluation_too(tmp_path, tiny, tiny_eval):
     """Training writes training_curves_<tag>.png beside its checkpoints; --evaluate --stats writes
     stats_<tag>/, under the same lock, and is refused over a previous evaluation's files, as a training run
     is over a previous run's (its curves alone included)."""
     run_main(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path])
     assert sorted(contents(tmp_path)) == sorted([*FILES, "training_curves_mnist1.png"])
-    evaluate = [*tiny, "--resume", tmp_path / FILES[0], "-e", "--stats", "--out-dir", tmp_path]
+    evaluate = [*tiny_eval, "--resume", tmp_path / FILES[0], "-e", "--stats", "--out-dir", tmp_path]
     with open(tmp_path / ".lock_mnist1") as held:  # another run of the tag, live
         fcntl.flock(held, fcntl.LOCK_EX)
         code, message = exit_message(LENET, evaluate)

@@ -84,7 +84,7 @@ def test_export_nir_never_replaces_the_checkpoint_it_reads(how, tmp_path, monkey
     assert ckpt.read_bytes() == before
 
 
-def test_a_run_never_deletes_or_replaces_what_is_not_a_regular_file_in_its_out_dir(tmp_path, tiny):
+def test_a_run_never_deletes_or_replaces_what_is_not_a_regular_file_in_its_out_dir(tmp_path, tiny, tiny_eval):
     fifo(tmp_path / "log_mnist1.csv")
     for extra in ([], ["--overwrite"]):
         code, message = exit_message(LENET, [*tiny, "--epochs", "1", "--out-dir", tmp_path, *extra])
@@ -96,7 +96,7 @@ def test_a_run_never_deletes_or_replaces_what_is_not_a_regular_file_in_its_out_d
     assert code == 1 and ".lock_mnist1 is a named pipe" in message
     os.unlink(tmp_path / ".lock_mnist1")
     (tmp_path / "stats_mnist1").write_text("a file where the stats' folder goes")
-    code, message = exit_message(LENET, [*tiny, "--evaluate", "--stats", "--out-dir", tmp_path])
+    code, message = exit_message(LENET, [*tiny_eval, "--evaluate", "--stats", "--out-dir", tmp_path])
     assert code == 1 and "stats_mnist1 is a regular file, not a directory" in message
 
 
@@ -142,15 +142,15 @@ def untimed(tiny):
     return tiny[:i] + tiny[i + 2:]
 
 
-def test_evaluation_takes_the_checkpoints_settings_and_notes_a_flag_that_differs(tmp_path, tiny, capsys):
+def test_evaluation_takes_the_checkpoints_settings_and_notes_a_flag_that_differs(tmp_path, tiny_eval, capsys):
     ckpt = tmp_path / "c.pth.tar"
     lenet_checkpoint(ckpt, settings())
-    net = run_main(LENET, [*untimed(tiny), "--resume", ckpt, "--evaluate"])
+    net = run_main(LENET, [*untimed(tiny_eval), "--resume", ckpt, "--evaluate"])
     assert (net.time_steps, net.leak) == (3, 0.95) and all(m.leak == 0.95 for n, m in net.neuron_layers()
                                                              if n.startswith(("cnn", "fc")))
     assert "=> --time-steps 3, --leak 0.95, --dropout 0.1: the checkpoint's, not the script's default" in \
         capsys.readouterr().out
-    net = run_main(LENET, [*tiny, "--resume", ckpt, "--evaluate", "--leak", "0.5"])
+    net = run_main(LENET, [*tiny_eval, "--resume", ckpt, "--evaluate", "--leak", "0.5"])
     assert (net.time_steps, net.leak) == (2, 0.5)
     assert "=> note: the flags given replace the network settings the checkpoint was trained with: --time-steps " \
            "3 → 2, --leak 0.95 → 0.5" in capsys.readouterr().out
@@ -220,20 +220,20 @@ def test_nir_export_records_the_checkpoints_t_and_leak(tmp_path, capsys):
     assert not (tmp_path / "d.nir").exists()
 
 
-def test_nonsense_settings_in_a_checkpoint_are_one_line(tmp_path, tiny):
+def test_nonsense_settings_in_a_checkpoint_are_one_line(tmp_path, tiny_eval):
     ckpt = tmp_path / "c.pth.tar"
     lenet_checkpoint(ckpt, settings(leak=7.0))
-    code, message = exit_message(LENET, [*tiny, "--resume", ckpt, "--evaluate"])
+    code, message = exit_message(LENET, [*tiny_eval, "--resume", ckpt, "--evaluate"])
     assert code == 1 and "its args hold leak = 7.0, not a value of --leak" in message
 
 
 # ----------------------------------------------------------------------------------------------
 # A silent network is never reported as a result
 
-def test_a_network_that_never_answers_is_no_result(tmp_path, tiny, capsys):
+def test_a_network_that_never_answers_is_no_result(tmp_path, tiny_eval, capsys):
     ckpt = tmp_path / "dead.pth.tar"
     lenet_checkpoint(ckpt, sign=-1.0)  # no neuron ever fires: every output is 0
-    run_main(LENET, [*tiny, "--resume", ckpt, "--evaluate", "--stats", "--out-dir", tmp_path])
+    run_main(LENET, [*tiny_eval, "--resume", ckpt, "--evaluate", "--stats", "--out-dir", tmp_path])
     out, err = capsys.readouterr()
     assert "WARNING: the network gave no answer for every test image" in err
     assert "ANN/SNN undefined (the network never answered: every output tied)" in out
@@ -255,24 +255,25 @@ def test_export_nir_refuses_the_flags_it_would_ignore(extra, tmp_path, capsys):
     assert not (tmp_path / "x.nir").exists()
 
 
-@pytest.mark.parametrize("extra", [["--lr", "0.1"], ["--epochs", "3"], ["--dropout", "0.1"], ["--overwrite"]])
-def test_evaluate_refuses_the_training_flags(extra, tmp_path, tiny, capsys):
-    code, line = parse_error([*tiny, "--evaluate", *extra], capsys)
+@pytest.mark.parametrize("extra", [["--lr", "0.1"], ["--epochs", "3"], ["--dropout", "0.1"], ["--overwrite"],
+                                   ["--batch-size", "4"], ["--limit-train", "4"]])
+def test_evaluate_refuses_the_training_flags(extra, tmp_path, tiny_eval, capsys):
+    code, line = parse_error([*tiny_eval, "--evaluate", *extra], capsys)
     assert code == 2 and line.endswith(f"--evaluate trains nothing and writes nothing: {extra[0]} does not apply; "
                                        f"drop it (see --help)"), line
     if extra[0] != "--overwrite":  # which an evaluation that writes its stats reads
-        code, line = parse_error([*tiny, "--evaluate", "--stats", "--out-dir", tmp_path, *extra], capsys)
+        code, line = parse_error([*tiny_eval, "--evaluate", "--stats", "--out-dir", tmp_path, *extra], capsys)
         assert code == 2 and f"--evaluate trains nothing: {extra[0]} does not apply" in line, line
 
 
-def test_workers_are_capped_by_what_the_loader_can_use(tmp_path, tiny, capsys):
-    flags = [*tiny[:tiny.index("-j")], *tiny[tiny.index("-j") + 2:]]
+def test_workers_are_capped_by_what_the_loader_can_use(tmp_path, tiny_eval, capsys):
+    flags = [*tiny_eval[:tiny_eval.index("-j")], *tiny_eval[tiny_eval.index("-j") + 2:]]
     run_main(LENET, [*flags, "--evaluate", "-j", "1000"])  # 16 images in one mini-batch of 16
     assert "=> note: -j 1000 lowered to 1: 1 mini-batch to load" in capsys.readouterr().out
 
 
-def test_an_evaluation_states_its_test_batch_not_a_training_step(tiny, capsys):
-    run_main(LENET, [*tiny, "--evaluate", "--test-batch-size", "8"])
+def test_an_evaluation_states_its_test_batch_not_a_training_step(tiny_eval, capsys):
+    run_main(LENET, [*tiny_eval, "--evaluate", "--test-batch-size", "8"])
     printed = capsys.readouterr().out
     assert "8 test images per batch" in printed and "training images" not in printed
 
@@ -286,35 +287,35 @@ def refuse(path, error=errno.EACCES):
     return fail
 
 
-def test_an_unreadable_data_dir_is_one_line(tmp_path, tiny, monkeypatch):
+def test_an_unreadable_data_dir_is_one_line(tmp_path, tiny_eval, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     listdir = os.listdir
     monkeypatch.setattr(os, "listdir", lambda p=".": refuse(data)() if str(p) == str(data) else listdir(p))
-    flags = [f for f in tiny if f != "--synthetic"]
+    flags = [f for f in tiny_eval if f != "--synthetic"]
     code, message = exit_message(LENET, [*flags, "--evaluate", "--data-dir", data])
     assert code == 1 and message == f"error: --data-dir {data} cannot be read (Permission denied)"
 
 
-def test_an_unreadable_file_inside_the_data_is_one_line(tmp_path, tiny, monkeypatch):
+def test_an_unreadable_file_inside_the_data_is_one_line(tmp_path, tiny_eval, monkeypatch):
     monkeypatch.setattr(utils.data, "get_loader", refuse("/data/FashionMNIST/raw/t10k-images-idx3-ubyte"))
-    code, message = exit_message(LENET, [*tiny, "--evaluate"])
+    code, message = exit_message(LENET, [*tiny_eval, "--evaluate"])
     assert code == 1 and message == "error: /data/FashionMNIST/raw/t10k-images-idx3-ubyte: Permission denied"
 
 
-def test_an_unreadable_checkpoint_is_one_line(tmp_path, tiny, monkeypatch):
+def test_an_unreadable_checkpoint_is_one_line(tmp_path, tiny_eval, monkeypatch):
     ckpt = tmp_path / "c.pth.tar"
     lenet_checkpoint(ckpt)
     real_stat, real_open = os.stat, builtins.open
     # a folder on its path that may not be searched: the file cannot even be looked at (not "no such file")
     monkeypatch.setattr(os, "stat", lambda p, *a, **k: refuse(ckpt)() if str(p) == str(ckpt)
                         else real_stat(p, *a, **k))
-    code, message = exit_message(LENET, [*tiny, "--evaluate", "--resume", ckpt])
+    code, message = exit_message(LENET, [*tiny_eval, "--evaluate", "--resume", ckpt])
     assert code == 1 and message == f"error: --resume {ckpt} cannot be read (Permission denied)"
     monkeypatch.setattr(os, "stat", real_stat)  # a file that may be looked at, not read
     monkeypatch.setattr(builtins, "open", lambda p, *a, **k: refuse(ckpt)() if str(p) == str(ckpt)
                         else real_open(p, *a, **k))
-    code, message = exit_message(LENET, [*tiny, "--evaluate", "--resume", ckpt])
+    code, message = exit_message(LENET, [*tiny_eval, "--evaluate", "--resume", ckpt])
     assert code == 1 and message == f"error: --resume {ckpt} cannot be read (Permission denied)"
 
 
@@ -325,14 +326,14 @@ def test_an_unwritable_out_dir_is_one_line(tmp_path, tiny, monkeypatch):
 
 
 @pytest.mark.parametrize("flag", ["--resume", "--out-dir", "--data-dir", "--export-nir"])
-def test_a_symbolic_link_loop_is_named(flag, tmp_path, tiny):
+def test_a_symbolic_link_loop_is_named(flag, tmp_path, tiny, tiny_eval):
     loop = tmp_path / "loop"
     os.symlink(loop, loop)
     ckpt = tmp_path / "c.pth.tar"
     lenet_checkpoint(ckpt)
-    argv = {"--resume": [*tiny, "--evaluate", "--resume", loop],
+    argv = {"--resume": [*tiny_eval, "--evaluate", "--resume", loop],
             "--out-dir": [*tiny, "--epochs", "1", "--out-dir", loop],
-            "--data-dir": [*[f for f in tiny if f != "--synthetic"], "--evaluate", "--data-dir", loop],
+            "--data-dir": [*[f for f in tiny_eval if f != "--synthetic"], "--evaluate", "--data-dir", loop],
             "--export-nir": ["--resume", ckpt, "--export-nir", loop, "--overwrite"]}[flag]
     code, message = exit_message(LENET, argv)
     assert code == 1 and message == f"error: {flag} {loop} is a symbolic link loop", message
@@ -349,11 +350,11 @@ def test_look_says_why_a_path_names_nothing(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # Lines that say what is really wrong
 
-def test_a_torch_compile_checkpoint_loads(tmp_path, tiny):
+def test_a_torch_compile_checkpoint_loads(tmp_path, tiny_eval):
     ckpt = tmp_path / "compiled.pth.tar"
     state = network(LENET, time_steps=2)[0].state_dict()
     torch.save({"state_dict": {f"_orig_mod.{k}": v for k, v in state.items()}}, ckpt)
-    net = run_main(LENET, [*tiny, "--evaluate", "--resume", ckpt])
+    net = run_main(LENET, [*tiny_eval, "--evaluate", "--resume", ckpt])
     assert all(torch.equal(net.state_dict()[k], v) for k, v in state.items())
 
 

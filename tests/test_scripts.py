@@ -112,9 +112,10 @@ def test_bad_settings_are_rejected_in_one_line(flag, value, phrase, capsys):
 
 
 @pytest.mark.parametrize("work", [["-e"], ["--epochs", "1"]])
-def test_time_steps_beyond_memory_are_one_line_before_any_work(work, tiny, tmp_path):
+def test_time_steps_beyond_memory_are_one_line_before_any_work(work, tiny, tiny_eval, tmp_path):
     """--time-steps 10**9: the input spike trains of one mini-batch alone would take 47,000 GiB."""
-    code, message = exit_message("mnist_LeNet.py", [*tiny, *work, "--time-steps", "1000000000", "--out-dir", tmp_path])
+    flags = tiny_eval if work == ["-e"] else tiny
+    code, message = exit_message("mnist_LeNet.py", [*flags, *work, "--time-steps", "1000000000", "--out-dir", tmp_path])
     assert code == 1 and message.startswith("error: --time-steps 1000000000 with 16 images per mini-batch: their "
                                             "input spike trains alone take 4.67e+04 GiB, more than this cpu's ")
     assert message.endswith("; lower --time-steps or the batch size") and not (tmp_path / "log_mnist1.csv").exists()
@@ -239,7 +240,7 @@ def test_synthetic_data_is_deterministic_and_shaped_like_the_dataset():
 # End to end: train one epoch, resume to a second, evaluate the best
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_train_resume_evaluate(script, run_script, tiny, tmp_path):
+def test_train_resume_evaluate(script, run_script, tiny, tiny_eval, tmp_path):
     tag = TAGS[script]
     last, best = tmp_path / f"checkpointT1_{tag}.pth.tar", tmp_path / f"model_bestT1_{tag}.pth.tar"
     p = run_script(script, *tiny, "--epochs", "1", "--out-dir", tmp_path)
@@ -260,7 +261,7 @@ def test_train_resume_evaluate(script, run_script, tiny, tmp_path):
     assert list(rows[0])[:3] == ["epoch", "lr", "train_loss"] and "test_prec5" in rows[0] and "seconds" in rows[0]
     assert any(k.startswith("rate_") for k in rows[0])
 
-    p = run_script(script, *tiny, "--resume", best, "--evaluate")
+    p = run_script(script, *tiny_eval, "--resume", best, "--evaluate")
     assert p.returncode == 0, p.out
     assert re.search(r"^Test: Prec@1 \d+\.\d{3} Prec@5 \d+\.\d{3} Loss \d+\.\d{4}$", p.stdout, re.M), p.out
     assert "=> epoch" not in p.stdout
@@ -275,11 +276,11 @@ def test_amp_and_time_chunk(tiny, tmp_path, monkeypatch, capsys):
     assert "WARNING" not in capsys.readouterr().err
 
 
-def test_amp_on_a_cpu_without_bf16_is_flagged(tiny, tmp_path, monkeypatch, capsys):
+def test_amp_on_a_cpu_without_bf16_is_flagged(tiny_eval, tmp_path, monkeypatch, capsys):
     """bf16 convolutions on a CPU without bf16 instructions run several times slower than float32."""
     import mnist_LeNet
     monkeypatch.setattr(utils, "_cpu_has_bf16", lambda: False)
-    utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=[*tiny, "--amp", "-e"])
+    utils.main(mnist_LeNet.LeNet, mnist_LeNet.DEFAULTS, argv=[*tiny_eval, "--amp", "-e"])
     (line,) = [s for s in capsys.readouterr().err.splitlines() if s.startswith("WARNING: --amp")]  # -e: untrained too
     assert "--amp" in line and "bfloat16" in line and "slower" in line
 

@@ -251,9 +251,9 @@ def test_script_evaluate_stats_and_sweep(run_script, clean_error, tmp_path):
     """mnist_LeNet.py end to end: one epoch on synthetic data writes training_curves_mnist1.png; then one
     --evaluate pass prints the Test: line, the stats table and the sweep (to 8 > T = 4: T is raised),
     and writes stats.json and the plots in stats_mnist1/. A bad --time-sweep is one line, no traceback."""
-    tiny = ["--synthetic", "--time-steps", "4", "-b", "32", "--test-batch-size", "32", "-j", "0", "--device", "cpu",
+    tiny = ["--synthetic", "--time-steps", "4", "--test-batch-size", "32", "-j", "0", "--device", "cpu",
             "--no-progress", "--out-dir", tmp_path]
-    p = run_script("mnist_LeNet.py", *tiny, "--epochs", "1", "--limit-train", "128", "--limit-val", "64")
+    p = run_script("mnist_LeNet.py", *tiny, "--epochs", "1", "-b", "32", "--limit-train", "128", "--limit-val", "64")
     assert p.returncode == 0, p.out
     assert (tmp_path / "training_curves_mnist1.png").read_bytes()[:8] == PNG
     p = run_script("mnist_LeNet.py", *tiny, "--resume", tmp_path / "model_bestT1_mnist1.pth.tar", "--evaluate",

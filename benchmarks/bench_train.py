@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import gzip
 import os
+import sys
 import time
 
 import numpy as np
@@ -44,8 +45,11 @@ from spiking_kernels import numba_events
 
 harness.ENV.setdefault("kept-rows", harness.OURS)  # the engine's process settings
 
-NETWORKS = {"lenet": (LeNet, (1, 28, 28)), "vgg9": (VGG9, (3, 32, 32)), "resnet11": (ResNet11, (3, 32, 32))}
-INPUT_SCALE = {"lenet": data.DATASETS["mnist"].scale, "vgg9": 1.0, "resnet11": 1.0}  # the datasets' Poisson code
+MODELS = {"lenet": LeNet, "vgg9": VGG9, "resnet11": ResNet11}
+# each on its script's default dataset, whose images it takes and whose Poisson code scales its input
+_DATASET = {name: data.DATASETS[sys.modules[M.__module__].DEFAULTS["dataset"]] for name, M in MODELS.items()}
+NETWORKS = {name: (M, _DATASET[name].shape) for name, M in MODELS.items()}
+INPUT_SCALE = {name: d.scale for name, d in _DATASET.items()}
 
 
 def sizes(name, device):
